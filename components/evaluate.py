@@ -1,0 +1,127 @@
+"""evaluate: a checkpoint on the test split, at its own image size or another one.
+
+Top-1 and top-5 accuracy and loss, per-class precision/recall/F1, a confusion matrix and
+the misclassified images, reported to ClearML.
+
+    python -m components.evaluate --checkpoint runs/train/checkpoints/best.pt --data SRC --output-json eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from components import checkpoints
+from components.data import DataError, decode_split, resolve, to_input
+from components.plots import confusion_figure, image_grid_figure
+from components.tracking import open_task
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """Logits (N, K) in float32 on the CPU for uint8 images (N, H, W, 3)."""
+    model.eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = to_input(torch.from_numpy(images[start : start + batch_size]).to(device))
+        with autocast:
+            outputs.append(model(batch).float().cpu())
+    return torch.cat(outputs)
+
+
+def accuracy(logits: torch.Tensor, labels: np.ndarray, k: int = 1) -> float:
+    """Fraction of images whose label is among the k highest logits."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return (top == torch.as_tensor(labels)[:, None]).any(dim=1).float().mean().item()
+
+
+def per_class_report(confusion: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class from a confusion matrix (rows: true)."""
+    true_positives = np.diag(confusion).astype(float)
+    predicted, actual = confusion.sum(axis=0), confusion.sum(axis=1)
+    precision = np.divide(true_positives, predicted, out=np.zeros_like(true_positives), where=predicted > 0)
+    recall = np.divide(true_positives, actual, out=np.zeros_like(true_positives), where=actual > 0)
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
+    return pd.DataFrame({"class": classes, "precision": precision, "recall": recall, "f1": f1, "support": actual})
+
+
+def evaluate(checkpoint: Path, data: str, output_json: Path, image_size: int | None = None,
+             device: str = "auto", split: str = "test") -> dict:  # fmt: skip
+    """Evaluates and returns ``{"test_accuracy", "test_top5_accuracy", "test_loss",
+    "image_size", "num_images", "per_class", "clearml"}``; also written to ``output_json``."""
+    output_json = Path(output_json)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    with open_task(output_json.stem, "testing", output_json.parent, title="evaluate") as tracker:
+        params = tracker.connect({"checkpoint": str(checkpoint), "data": data, "image_size": image_size or 0,
+                                  "split": split})  # fmt: skip
+        model, saved = checkpoints.load_model(Path(params["checkpoint"]))
+        size = params["image_size"] or model.image_size[0]
+        if size != model.image_size[0]:
+            print(f"interpolating the position embeddings from {model.image_size[0]} to {size} (bicubic)")
+            model.set_image_size(size)
+        dataset = resolve(params["data"])
+        if "classes" in saved and saved["classes"] != dataset.classes:
+            raise DataError(f"the checkpoint was trained on the classes {saved['classes']}, the data has "
+                            f"{dataset.classes}")  # fmt: skip
+        images, labels = decode_split(dataset, params["split"], size)
+        logits = predict(model.to(device), images, device)
+        predictions = logits.argmax(1).numpy()
+        classes = dataset.classes
+        confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+        np.add.at(confusion, (labels, predictions), 1)
+        report = per_class_report(confusion, classes)
+        result = {
+            "test_accuracy": accuracy(logits, labels),
+            "test_top5_accuracy": accuracy(logits, labels, k=5),
+            "test_loss": F.cross_entropy(logits, torch.from_numpy(labels)).item(),
+            "image_size": size,
+            "num_images": len(labels),
+            "per_class": report.to_dict(orient="records"),
+        }
+        for name in ("test_accuracy", "test_top5_accuracy", "test_loss"):
+            tracker.scalar(name.removeprefix("test_"), f"{params['split']} @ {size}", result[name], 0)
+        tracker.table("per-class precision, recall, F1", report.round(4))
+        figure = confusion_figure(confusion, classes)
+        figure.savefig(output_json.with_suffix(".confusion.png"), dpi=120)
+        tracker.figure("confusion matrix", figure)
+        wrong = np.flatnonzero(predictions != labels)[:32]
+        if len(wrong):
+            titles = [f"{classes[labels[i]]} -> {classes[predictions[i]]}" for i in wrong]
+            tracker.figure("misclassified (true -> predicted)", image_grid_figure(images[wrong], titles))
+        tracker.artifact("metrics", {k: v for k, v in result.items() if k != "per_class"})
+    result["clearml"] = tracker.session
+    output_json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a .pt file written by train")
+    parser.add_argument("--data", required=True, help="a zip, a folder, a data version folder or a ClearML Dataset id")
+    parser.add_argument(
+        "--image-size", type=int, default=None,
+        help="evaluate at this size; other than the checkpoint's, the position embeddings are interpolated "
+        "(default: the checkpoint's)",
+    )  # fmt: skip
+    parser.add_argument("--split", default="test", choices=["train", "valid", "test"], help="default: test")
+    parser.add_argument("--output-json", type=Path, required=True, help="where the metrics go")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(args.checkpoint, args.data, args.output_json, args.image_size, args.device, args.split)
+    except (DataError, ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"evaluate: error: {error}\n")
+    print(f"{args.split} accuracy {result['test_accuracy']:.4f} (top-5 {result['test_top5_accuracy']:.4f}), "
+          f"loss {result['test_loss']:.4f} on {result['num_images']} images at {result['image_size']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""fetch_data: the headgear images from Kaggle (or a local zip or folder), validated, versioned
+by content, reported to ClearML and, with a server, registered as a ClearML Dataset.
+
+    python -m components.fetch_data --source kaggle --output runs/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from components.data import DataError, DataVersion, prepare
+from components.plots import class_counts_figure
+from components.tracking import open_task
+
+KAGGLE_DATASET = "gpiosenka/headgear-image-classification"
+DATASET_PROJECT = "headgear-vit/datasets"
+
+
+def kaggle_credentials_present() -> bool:
+    """Any of the ways the kaggle package finds credentials, checked without importing it
+    (its import prints a long help text when there are none)."""
+    if os.environ.get("KAGGLE_API_TOKEN") or (os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")):
+        return True
+    folders = [Path(os.environ["KAGGLE_CONFIG_DIR"])] if os.environ.get("KAGGLE_CONFIG_DIR") else []
+    folders += [Path.home() / ".kaggle", Path.home() / ".config" / "kaggle"]
+    return any((folder / name).is_file() for folder in folders for name in ("kaggle.json", "access_token"))
+
+
+def download_from_kaggle(target: Path) -> Path:
+    """The archive of the Kaggle data set, downloaded into ``target``."""
+    if not kaggle_credentials_present():
+        raise DataError(
+            "no Kaggle credentials found: set KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN), or put "
+            "kaggle.json in ~/.kaggle/ (https://www.kaggle.com/settings/api), or pass a local archive with "
+            "--source PATH.zip"
+        )
+    with contextlib.redirect_stdout(io.StringIO()):
+        from kaggle.api.kaggle_api_extended import KaggleApi
+    api = KaggleApi()
+    try:
+        api.authenticate()
+    except SystemExit:
+        raise DataError("Kaggle rejected the credentials found; check KAGGLE_USERNAME/KAGGLE_KEY") from None
+    try:
+        api.dataset_download_files(KAGGLE_DATASET, path=str(target), unzip=False, quiet=False)
+    except Exception as error:  # requests' ConnectionError, HTTP errors, ...
+        raise DataError(
+            f"could not download {KAGGLE_DATASET} from Kaggle ({type(error).__name__}); check the network, "
+            f"or download the archive yourself and pass --source PATH.zip"
+        ) from None
+    archives = sorted(target.glob("*.zip"))
+    if not archives:
+        raise DataError(f"Kaggle's download left no zip archive in {target}")
+    return archives[0]
+
+
+def register_dataset(data: DataVersion) -> str:
+    """The id of the ClearML Dataset holding this version, created only if no dataset with
+    the same content hash exists."""
+    from clearml import Dataset
+
+    tags = [f"sha:{data.version}"]
+    existing = Dataset.list_datasets(dataset_project=DATASET_PROJECT, tags=tags, only_completed=True)
+    if existing:
+        return existing[0]["id"]
+    dataset = Dataset.create(dataset_name="headgear", dataset_project=DATASET_PROJECT, dataset_tags=tags)
+    dataset.add_files(str(data.root))
+    dataset.upload(show_progress=True)
+    dataset.finalize()
+    return dataset.id
+
+
+def fetch_data(source: str, output: Path, strict: bool = False) -> dict:
+    """Fetches, validates and versions the data. Returns ``{"source", "version", "path",
+    "dataset_id" (None offline), "classes", "counts", "skipped", "clearml"}``."""
+    output = Path(output)
+    with open_task("fetch_data", "data_processing", output) as tracker:
+        params = tracker.connect({"source": source, "strict": strict})
+        with tempfile.TemporaryDirectory(prefix="kaggle-") as download:
+            local = download_from_kaggle(Path(download)) if params["source"] == "kaggle" else Path(params["source"])
+            data = prepare(local, output, strict=params["strict"])
+        manifest = data.manifest
+        for bad in manifest["skipped"]:
+            print(f"skipped {bad['path']}: {bad['reason']}")
+        import pandas as pd
+
+        tracker.table("class counts", pd.DataFrame(manifest["per_class"]).rename_axis("class").reset_index())
+        tracker.figure("class counts", class_counts_figure(manifest["per_class"]))
+        tracker.artifact("manifest", manifest)
+        dataset_id = None if tracker.offline else register_dataset(data)
+        result = {
+            "source": source,
+            "version": data.version,
+            "path": str(data.root),
+            "dataset_id": dataset_id,
+            "classes": data.classes,
+            "counts": manifest["counts"],
+            "skipped": manifest["skipped"],
+        }
+    result["clearml"] = tracker.session
+    (output / "fetch_data.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--source", default="kaggle", help="'kaggle' (needs Kaggle credentials), or a local .zip or folder "
+        "in the headgear layout (default: kaggle)",
+    )  # fmt: skip
+    parser.add_argument("--output", type=Path, required=True, help="folder for the data version and fetch_data.json")
+    parser.add_argument("--strict", action="store_true", help="fail on the first bad image instead of skipping it")
+    args = parser.parse_args(argv)
+    try:
+        result = fetch_data(args.source, args.output, strict=args.strict)
+    except DataError as error:
+        parser.exit(2, f"fetch_data: error: {error}\n")
+    print(f"data version {result['version']} at {result['path']}: {result['counts']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The matplotlib figures the components report to ClearML and the local report embeds."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: agents and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def class_counts_figure(per_class: dict[str, dict[str, int]]):
+    classes = sorted({label for counts in per_class.values() for label in counts})
+    figure, axis = plt.subplots(figsize=(max(6, 0.45 * len(classes)), 4), layout="constrained")
+    bottom = np.zeros(len(classes))
+    for split, counts in per_class.items():
+        values = np.array([counts.get(label, 0) for label in classes])
+        axis.bar(classes, values, bottom=bottom, label=split)
+        bottom += values
+    axis.set_ylabel("images")
+    axis.tick_params(axis="x", rotation=75, labelsize=7)
+    axis.legend()
+    return figure
+
+
+def image_grid_figure(images: np.ndarray, titles: list[str], columns: int = 8):
+    """uint8 (N, H, W, 3) images in a grid with a title each."""
+    rows = max(1, -(-len(images) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, title in zip(axes.flat, images, titles):
+        axis.imshow(image)
+        axis.set_title(title, fontsize=6)
+    figure.tight_layout()
+    return figure
+
+
+def curves_figure(series: dict[str, list[float]], xlabel: str, ylabel: str):
+    figure, axis = plt.subplots(figsize=(6, 3.5), layout="constrained")
+    for name, values in series.items():
+        axis.plot(range(1, len(values) + 1), values, marker=".", label=name)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return figure
+
+
+def confusion_figure(matrix: np.ndarray, classes: list[str]):
+    size = max(5, 0.4 * len(classes))
+    figure, axis = plt.subplots(figsize=(size + 1, size), layout="constrained")
+    shown = axis.imshow(matrix, cmap="Blues")
+    axis.set_xticks(range(len(classes)), classes, rotation=90, fontsize=6)
+    axis.set_yticks(range(len(classes)), classes, fontsize=6)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    for (row, column), count in np.ndenumerate(matrix):
+        if count:
+            axis.text(column, row, int(count), ha="center", va="center", fontsize=6,
+                      color="white" if count > matrix.max() / 2 else "black")  # fmt: skip
+    figure.colorbar(shown, ax=axis, shrink=0.7)
+    return figure
+
+
+def grouped_bars_figure(groups: list[str], bars: dict[str, list[float]], ylabel: str, title: str = ""):
+    """One group of bars per entry of ``groups``, one bar per key of ``bars``."""
+    figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(groups) * max(1, len(bars)) / 2), 4), layout="constrained")
+    width = 0.8 / max(1, len(bars))
+    positions = np.arange(len(groups))
+    for i, (name, values) in enumerate(bars.items()):
+        axis.bar(positions + i * width - 0.4 + width / 2, values, width, label=name)
+    axis.set_xticks(positions, groups, rotation=30, ha="right", fontsize=7)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=7)
+    return figure
+
+
+def similarity_figure(grids: dict[str, np.ndarray]):
+    """The paper's Figure 7 (centre): for each patch position, the cosine similarity of its
+    position embedding to every other one. ``grids`` maps a title to (h, w, D) embeddings."""
+    figure, all_axes = plt.subplots(1, len(grids), figsize=(5 * len(grids), 5), squeeze=False)
+    for axes_title, axis in zip(grids, all_axes[0]):
+        grid = grids[axes_title]
+        h, w, _ = grid.shape
+        flat = grid.reshape(h * w, -1)
+        flat = flat / np.linalg.norm(flat, axis=1, keepdims=True).clip(1e-12)
+        similarity = (flat @ flat.T).reshape(h, w, h, w)
+        # one small h x w map per patch, tiled in the patch's place
+        tiles = np.full((h * (h + 1), w * (w + 1)), np.nan)
+        for r in range(h):
+            for c in range(w):
+                tiles[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = similarity[r, c]
+        axis.imshow(tiles, cmap="viridis", vmin=-1, vmax=1)
+        axis.set_title(f"{axes_title} ({h}x{w})")
+        axis.axis("off")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,146 @@
+"""How every component talks to ClearML: one place.
+
+Two modes, chosen once per process:
+
+- **server**: ClearML is configured (``CLEARML_API_HOST`` or a ``clearml.conf``). The
+  server is pinged with a short timeout first, because ``Task.init`` against an address
+  where nothing answers retries for minutes.
+- **offline**: nothing is configured, or ``CLEARML_OFFLINE_MODE=1`` (what ``--local`` sets).
+  The task is written as an offline session; on close its zip is moved next to the
+  component's outputs, ready for ``clearml-task --import-offline-session ZIP``.
+
+Secrets never pass through here: parameters are the component's own settings, and
+credentials are read from the environment by the libraries that need them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+PROJECT = "headgear-vit"
+PING_TIMEOUT_S = 5.0
+OFFLINE_CONFIG = Path(__file__).with_name("clearml-offline.conf")
+
+
+class TrackingError(RuntimeError):
+    """ClearML is configured but cannot be used; the message says what to do."""
+
+
+def offline_forced() -> bool:
+    return os.environ.get("CLEARML_OFFLINE_MODE", "").lower() in ("1", "true", "yes", "on")
+
+
+def config_file() -> Path:
+    return Path(os.environ.get("CLEARML_CONFIG_FILE") or Path.home() / "clearml.conf").expanduser()
+
+
+def server_configured() -> bool:
+    """True when ClearML has somewhere to report to and offline mode is not forced."""
+    return not offline_forced() and bool(os.environ.get("CLEARML_API_HOST") or config_file().is_file())
+
+
+def api_host() -> str:
+    from clearml.backend_api.session import Session
+
+    return Session.get_api_server_host()
+
+
+def check_server(timeout_s: float = PING_TIMEOUT_S) -> str:
+    """The API server's address, once it has answered a ping within ``timeout_s``."""
+    import requests
+
+    host = api_host()
+    try:
+        requests.get(f"{host}/debug.ping", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as error:
+        raise TrackingError(
+            f"the ClearML server at {host} did not answer within {timeout_s:.0f} s ({type(error).__name__}). "
+            f"Start it or fix CLEARML_API_HOST / {config_file()}, or run without a server: "
+            f"pass --local to the pipeline or set CLEARML_OFFLINE_MODE=1"
+        ) from None
+    return host
+
+
+class Tracker:
+    """A thin face over one ClearML task, the same online and offline."""
+
+    def __init__(self, task, offline: bool, output_dir: Path):
+        self.task, self.offline, self.output_dir = task, offline, output_dir
+        self.logger = task.get_logger()
+        self.session: str = task.id  # becomes the offline session's zip path on close
+
+    def connect(self, params: dict, name: str = "General") -> dict:
+        """Records ``params`` as hyper-parameters; a task cloned in the web UI and run by an
+        agent gets the edited values back."""
+        return self.task.connect(params, name=name)
+
+    def scalar(self, title: str, series: str, value: float, step: int) -> None:
+        self.logger.report_scalar(title, series, value=float(value), iteration=step)
+
+    def table(self, title: str, frame, step: int = 0) -> None:
+        self.logger.report_table(title, "table", iteration=step, table_plot=frame)
+
+    def figure(self, title: str, figure, step: int = 0) -> None:
+        self.logger.report_matplotlib_figure(title, "figure", figure=figure, iteration=step, report_image=True)
+
+    def artifact(self, name: str, obj) -> None:
+        self.task.upload_artifact(name, artifact_object=obj, wait_on_upload=True)
+
+    def model(self, path: Path, name: str, config: dict) -> None:
+        """Registers weights: an ``OutputModel`` with a server; offline, where ``OutputModel``
+        crashes, an artifact."""
+        if self.offline:
+            self.artifact(name, path)
+            return
+        from clearml import OutputModel
+
+        output = OutputModel(task=self.task, name=name, config_dict=config, framework="PyTorch")
+        output.update_weights(weights_filename=str(path), auto_delete_file=False)
+
+
+@contextmanager
+def open_task(component: str, task_type: str, output_dir: Path, title: str = "") -> Iterator[Tracker]:
+    """A ClearML task for one run of ``component``, named ``title`` (default: the component);
+    closed when the block ends, also with an error. Offline, the session's zip is kept as
+    ``output_dir/<component>.clearml-offline.zip``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    offline = not server_configured()
+    if offline and "CLEARML_CONFIG_FILE" not in os.environ:
+        # The reporter's sub-process waits 10 s per close for a server offline; threads do not.
+        os.environ["CLEARML_CONFIG_FILE"] = str(OFFLINE_CONFIG)
+    if not offline:
+        check_server()
+    from clearml import Task
+
+    Task.set_offline(offline)
+    task = Task.init(
+        project_name=PROJECT,
+        task_name=title or component,
+        task_type=task_type,
+        reuse_last_task_id=False,
+        auto_connect_arg_parser=False,  # parameters are connected explicitly, as one dict
+        auto_connect_frameworks=False,  # models are registered explicitly, never by torch.save hooks
+        auto_resource_monitoring=not offline,
+        output_uri=None if offline else True,
+    )
+    tracker = Tracker(task, offline, output_dir)
+    try:
+        yield tracker
+    finally:
+        task.close()
+        if offline:
+            tracker.session = str(_keep_offline_session(task.id, output_dir, component))
+
+
+def _keep_offline_session(task_id: str, output_dir: Path, component: str) -> Path:
+    from clearml.config import get_offline_dir
+
+    folder = Path(get_offline_dir(task_id=task_id))
+    target = output_dir / f"{component}.clearml-offline.zip"
+    shutil.move(str(folder.with_suffix(".zip")), target)
+    shutil.rmtree(folder, ignore_errors=True)
+    return target

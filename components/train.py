@@ -1,0 +1,294 @@
+"""train: a ViT from a preset, trained from scratch, tracked in ClearML.
+
+AdamW with linear warm-up and cosine decay, label smoothing, optional mixup/cutmix,
+gradient clipping, bf16 autocast and torch.compile on a GPU. Images are decoded once and
+kept in memory; albumentations augments them in data-loader processes, seeded by (seed,
+epoch, image) so that a resumed run sees exactly the images an uninterrupted one would.
+
+    python -m components.train --data runs/data/<version> --preset smoke --output runs/train
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from components import checkpoints
+from components.data import DataError, decode_split, resolve, to_input
+from components.evaluate import accuracy, predict
+from components.plots import curves_figure, image_grid_figure
+from components.presets import TrainConfig, add_override_flags, overrides_from, preset
+from components.tracking import open_task
+from model import ViT, model_config
+
+
+class AugmentedImages(Dataset):
+    """Decoded uint8 images (N, S, S, 3) -> augmented uint8 (S, S, 3) and the label.
+
+    Indexed by (epoch, index): the augmentation is a function of (seed, epoch, index) alone.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, config: TrainConfig):
+        self.images, self.labels, self.seed = images, labels, config.seed
+        size = (config.image_size, config.image_size)
+        self.transform = A.Compose([
+            A.RandomResizedCrop(size=size, scale=(config.crop_scale, 1.0), p=float(config.crop_scale < 1)),
+            A.HorizontalFlip(p=0.5 if config.hflip else 0.0),
+        ])  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, int]:
+        epoch, index = key
+        self.transform.set_random_seed(zlib.crc32(f"{self.seed}/{epoch}/{index}".encode()))
+        return self.transform(image=self.images[index])["image"], self.labels[index]
+
+
+class EpochBatches(Sampler):
+    """Batches of (epoch, index) for epochs [first, last), each epoch shuffled by (seed, epoch)
+    and cut into full batches. One sampler for the whole run keeps loader processes alive."""
+
+    def __init__(self, size: int, batch_size: int, first: int, last: int, seed: int):
+        self.size, self.batch_size, self.first, self.last, self.seed = size, batch_size, first, last, seed
+
+    def __len__(self) -> int:
+        return (self.last - self.first) * self.steps_per_epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.size // self.batch_size)
+
+    def __iter__(self):
+        for epoch in range(self.first, self.last):
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 10_007 + epoch))
+            for step in range(self.steps_per_epoch):
+                yield [(epoch, int(i)) for i in order[step * self.batch_size : (step + 1) * self.batch_size]]
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr``."""
+    warmup = config.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def mix(images: torch.Tensor, targets: torch.Tensor, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix (one of them per batch, when both are on) with the batch reversed:
+    images (B, C, H, W), soft targets (B, K)."""
+    choices = [kind for kind, alpha in (("mixup", config.mixup_alpha), ("cutmix", config.cutmix_alpha)) if alpha > 0]
+    if not choices:
+        return images, targets
+    kind = choices[int(torch.randint(len(choices), ()))]
+    alpha = config.mixup_alpha if kind == "mixup" else config.cutmix_alpha
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    if kind == "mixup":
+        images = images * lam + images.flip(0) * (1 - lam)
+    else:
+        height, width = images.shape[-2:]
+        cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
+        top, left = int(torch.randint(height - cut_h + 1, ())), int(torch.randint(width - cut_w + 1, ()))
+        rows, columns = slice(top, top + cut_h), slice(left, left + cut_w)
+        images = images.clone()
+        images[..., rows, columns] = images.flip(0)[..., rows, columns]
+        lam = 1 - cut_h * cut_w / (height * width)
+    return images, targets * lam + targets.flip(0) * (1 - lam)
+
+
+def build_model(config: TrainConfig, n_classes: int) -> ViT:
+    overrides = {"patch_size": config.patch_size} if config.patch_size else {}
+    return ViT(**model_config(
+        config.model, image_size=config.image_size, n_classes=n_classes, attention=config.attention,
+        dropout_rate=config.dropout_rate, drop_path_rate=config.drop_path_rate, **overrides,
+    ))  # fmt: skip
+
+
+def build_optimizer(model: ViT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms, the class token and position embeddings."""
+    decay = [p for p in model.parameters() if p.ndim >= 2 and p is not model.projector.pos_embed]
+    no_decay = [p for p in model.parameters() if p.ndim < 2 or p is model.projector.pos_embed]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda")
+
+
+def _workers(config: TrainConfig, device: torch.device) -> int:
+    if config.workers >= 0:
+        return config.workers
+    return 0 if device.type == "cpu" else min(12, max(0, (os.cpu_count() or 1) - 2))
+
+
+def train(data: str, preset_name: str, output: Path, resume: bool = False, device: str = "auto", **overrides) -> dict:
+    """Trains and returns ``{"checkpoint", "last_checkpoint", "image_size", "train_loss",
+    "val_accuracy", "val_loss", "classes", "data_version", "clearml"}``; also written to
+    ``output/train.json``."""
+    output = Path(output)
+    config = preset(preset_name, **overrides)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    last_path, best_path = output / "checkpoints" / "last.pt", output / "checkpoints" / "best.pt"
+    state = checkpoints.load(last_path) if resume and last_path.is_file() else None
+    if resume and state is None:
+        print(f"--resume: no checkpoint at {last_path}, starting from scratch")
+    if state is not None and state["train_config"] != asdict(config):
+        raise ValueError(
+            f"--resume: {last_path} was trained with other settings; resume with the same preset and "
+            f"overrides, or train into another --output. Saved: {state['train_config']}"
+        )
+
+    with open_task("train", "training", output, title=f"train {preset_name}") as tracker:
+        params = tracker.connect({"data": data, "preset": preset_name, **asdict(config)})
+        config = TrainConfig(**{k: v for k, v in params.items() if k not in ("data", "preset")})
+        dataset = resolve(params["data"])
+        classes = dataset.classes
+        train_images, train_labels = decode_split(dataset, "train", config.image_size)
+        valid_images, valid_labels = decode_split(dataset, "valid", config.image_size)
+
+        torch.manual_seed(config.seed)
+        model = build_model(config, len(classes)).to(device)
+        optimizer = build_optimizer(model, config, device)
+        history = {"train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": []}
+        first_epoch, best_accuracy = 0, -1.0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            history, first_epoch, best_accuracy = state["history"], state["epoch"] + 1, state["best_accuracy"]
+            print(f"resuming {last_path} after epoch {first_epoch}")
+        use_compile = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
+        forward = torch.compile(model) if use_compile else model
+
+        augmented = AugmentedImages(train_images, train_labels, config)
+        sampler = EpochBatches(len(augmented), config.batch_size, first_epoch, config.epochs, config.seed)
+        workers = _workers(config, device)
+        loader = DataLoader(augmented, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                            persistent_workers=False, prefetch_factor=4 if workers else None)  # fmt: skip
+        if first_epoch == 0:
+            sample = [augmented[(0, i)] for i in range(min(16, len(augmented)))]
+            tracker.figure("augmented training images", image_grid_figure(
+                np.stack([image for image, _ in sample]), [classes[label] for _, label in sample]))  # fmt: skip
+
+        steps_per_epoch, total_steps = sampler.steps_per_epoch, config.epochs * sampler.steps_per_epoch
+        step = first_epoch * steps_per_epoch
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        epoch_loss = epoch_correct = torch.zeros((), device=device)
+        window_start, window_images = time.perf_counter(), 0
+        model.train()
+        for batch_images, batch_labels in loader:
+            epoch = step // steps_per_epoch
+            if step % steps_per_epoch == 0:
+                torch.manual_seed(config.seed * 10_007 + epoch)  # dropout, drop path, mixup: per epoch
+                epoch_loss = torch.zeros((), device=device)
+                epoch_correct = torch.zeros((), device=device)
+            lr = learning_rate(config, step, total_steps, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = to_input(batch_images.to(device, non_blocking=True))
+            labels = batch_labels.to(device, non_blocking=True)
+            targets = F.one_hot(labels, len(classes)).float()
+            targets = targets * (1 - config.label_smoothing) + config.label_smoothing / len(classes)
+            images, targets = mix(images, targets, config)
+            with autocast:
+                logits = forward(images)
+            loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            epoch_loss += loss.detach()
+            epoch_correct += (logits.argmax(-1) == labels).sum()
+            step += 1
+            window_images += len(labels)
+            progress.update()
+
+            if step % config.log_every == 0:  # the only host-device synchronisation of the loop
+                elapsed = time.perf_counter() - window_start
+                tracker.scalar("loss", "train (step)", loss.item(), step)
+                tracker.scalar("learning rate", "lr", lr, step)
+                tracker.scalar("throughput", "images/s", window_images / elapsed, step)
+                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{window_images / elapsed:.0f}")
+                window_start, window_images = time.perf_counter(), 0
+
+            if step % steps_per_epoch == 0:
+                model.eval()
+                val_logits = predict(model, valid_images, device, config.batch_size)
+                val_loss = F.cross_entropy(val_logits, torch.from_numpy(valid_labels)).item()
+                val_accuracy = accuracy(val_logits, valid_labels)
+                model.train()
+                history["train_loss"].append(epoch_loss.item() / steps_per_epoch)
+                history["train_accuracy"].append(epoch_correct.item() / (steps_per_epoch * config.batch_size))
+                history["val_loss"].append(val_loss)
+                history["val_accuracy"].append(val_accuracy)
+                for name, series, value in (("loss", "train", history["train_loss"][-1]), ("loss", "valid", val_loss),
+                                            ("accuracy", "train", history["train_accuracy"][-1]),
+                                            ("accuracy", "valid", val_accuracy)):  # fmt: skip
+                    tracker.scalar(name, series, value, epoch + 1)
+                payload = {
+                    "model": model.state_dict(), "config": model.config, "classes": classes,
+                    "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
+                    "best_accuracy": max(best_accuracy, val_accuracy), "train_config": asdict(config),
+                    "data_version": dataset.version,
+                }  # fmt: skip
+                if val_accuracy > best_accuracy:
+                    best_accuracy = val_accuracy
+                    checkpoints.save_atomic({k: payload[k] for k in ("model", "config", "classes", "epoch")}, best_path)
+                checkpoints.save_atomic(payload, last_path)
+                progress.write(f"epoch {epoch + 1}/{config.epochs}: train loss {history['train_loss'][-1]:.4f}, "
+                               f"valid loss {val_loss:.4f}, valid accuracy {val_accuracy:.4f}")  # fmt: skip
+        progress.close()
+
+        figure = curves_figure({"train loss": history["train_loss"], "valid loss": history["val_loss"],
+                                "valid accuracy": history["val_accuracy"]}, "epoch", "value")  # fmt: skip
+        figure.savefig(output / "curves.png", dpi=120)
+        tracker.figure("training curves", figure)
+        tracker.model(best_path, f"vit {preset_name} best", model.config)
+        tracker.artifact("history", history)
+        result = {
+            "checkpoint": str(best_path),
+            "last_checkpoint": str(last_path),
+            "image_size": config.image_size,
+            "train_loss": history["train_loss"],
+            "val_accuracy": history["val_accuracy"],
+            "val_loss": history["val_loss"],
+            "classes": classes,
+            "data_version": dataset.version,
+        }
+    result["clearml"] = tracker.session
+    (output / "train.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="a zip, a folder in the headgear layout, a data version "
+                        "folder written by fetch_data, or (with a server) a ClearML Dataset id")  # fmt: skip
+    parser.add_argument("--preset", default="smoke", help="smoke | cpu-10min | vit-ti16-224 (default: smoke)")
+    parser.add_argument("--output", type=Path, required=True, help="folder for checkpoints/, train.json, curves.png")
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    add_override_flags(parser)
+    args = parser.parse_args(argv)
+    try:
+        result = train(args.data, args.preset, args.output, resume=args.resume, device=args.device,
+                       **overrides_from(args))  # fmt: skip
+    except (DataError, ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"train: error: {error}\n")
+    print(f"best checkpoint {result['checkpoint']}: valid accuracy {max(result['val_accuracy']):.4f}")
+
+
+if __name__ == "__main__":
+    main()
