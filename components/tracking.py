@@ -39,8 +39,12 @@ def config_file() -> Path:
 
 
 def server_configured() -> bool:
-    """True when ClearML has somewhere to report to and offline mode is not forced."""
-    return not offline_forced() and bool(os.environ.get("CLEARML_API_HOST") or config_file().is_file())
+    """True when ClearML has somewhere to report to (``CLEARML_API_HOST``, or a config file
+    naming an api_server, as ``clearml-init`` writes) and offline mode is not forced."""
+    if offline_forced():
+        return False
+    path = config_file()
+    return bool(os.environ.get("CLEARML_API_HOST")) or (path.is_file() and "api_server" in path.read_text())
 
 
 def api_host() -> str:

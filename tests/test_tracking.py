@@ -1,0 +1,66 @@
+"""The ClearML mode decision: a configured but unreachable server is reported within seconds,
+never waited on for minutes."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from components.tracking import TrackingError, check_server, open_task, server_configured
+
+
+@pytest.fixture
+def silent_server():
+    """A port that accepts connections and never answers (a hung server)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_offline_unless_a_server_is_configured(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLEARML_CONFIG_FILE", str(tmp_path / "absent.conf"))
+    monkeypatch.delenv("CLEARML_OFFLINE_MODE")
+    monkeypatch.delenv("CLEARML_API_HOST", raising=False)
+    assert not server_configured()
+    monkeypatch.setenv("CLEARML_API_HOST", "http://127.0.0.1:8008")
+    assert server_configured()
+    monkeypatch.setenv("CLEARML_OFFLINE_MODE", "1")  # what --local sets
+    assert not server_configured()
+
+
+def test_a_server_that_does_not_answer_is_reported_within_seconds(monkeypatch, silent_server, tmp_path):
+    monkeypatch.delenv("CLEARML_OFFLINE_MODE")
+    monkeypatch.setenv("CLEARML_API_HOST", silent_server)
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=rf"ClearML server at {silent_server} did not answer within 1 s.*--local"):
+        check_server(timeout_s=1)
+    assert time.monotonic() - started < 10
+
+
+def test_open_task_refuses_an_unreachable_server_before_clearml_retries(monkeypatch, tmp_path):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # nothing listens here once the socket closes
+    monkeypatch.delenv("CLEARML_OFFLINE_MODE")
+    monkeypatch.setenv("CLEARML_API_HOST", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match="did not answer"):
+        with open_task("probe", "testing", tmp_path):
+            pass
+    assert time.monotonic() - started < 15
+
+
+def test_an_offline_task_leaves_its_session_beside_the_outputs(tmp_path):
+    from tests.sessions import read_session, scalars
+
+    with open_task("probe", "testing", tmp_path, title="probe run") as tracker:
+        tracker.connect({"lr": 0.1})
+        for step in range(3):
+            tracker.scalar("loss", "train", 1.0 / (step + 1), step)
+    assert tracker.session == str(tmp_path / "probe.clearml-offline.zip")
+    session = read_session(tracker.session)
+    assert session["task"]["name"] == "probe run"
+    assert scalars(session, "loss", "train") == [1.0, 0.5, 1 / 3]

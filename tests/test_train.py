@@ -1,0 +1,95 @@
+"""train: the smoke preset learns on real images, reports to an offline ClearML session, and a
+resumed run equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from components import checkpoints
+from components.presets import PRESETS, preset
+from components.train import EpochBatches, learning_rate, train
+from tests.conftest import make_layout
+from tests.sessions import read_session, scalars
+
+
+def test_smoke_training_learns_and_leaves_an_offline_session(smoke_run):
+    losses = smoke_run["train_loss"]
+    assert len(losses) == PRESETS["smoke"].epochs
+    assert losses[-1] < losses[0] * 0.9
+    assert max(smoke_run["val_accuracy"]) > 0.3  # 10 classes: chance is 0.1
+
+    output = Path(smoke_run["checkpoint"]).parents[1]
+    assert json.loads((output / "train.json").read_text())["train_loss"] == losses
+    session = read_session(smoke_run["clearml"])
+    assert scalars(session, "loss", "train") == pytest.approx(losses)
+    assert scalars(session, "accuracy", "valid") == pytest.approx(smoke_run["val_accuracy"])
+    assert len(scalars(session, "throughput", "images/s")) > 5
+    assert session["task"]["hyperparams"]["General"]["preset"]["value"] == "smoke"
+    assert any("augmented training images" in name for name in session["files"])
+    assert any(name.endswith("best.pt") for name in session["files"])  # offline, the model is an artifact
+
+    saved = checkpoints.load(smoke_run["checkpoint"])  # weights_only=True
+    assert saved["config"]["image_size"] == [32, 32] and len(saved["classes"]) == 10
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    data = str(make_layout(tmp_path / "data", per_split=(24, 4, 4)))
+    settings = dict(epochs=3, batch_size=16, dropout_rate=0.1, drop_path_rate=0.1, mixup_alpha=0.4, cutmix_alpha=0.4)
+    uninterrupted = train(data, "smoke", tmp_path / "full", **settings)
+
+    real_save = checkpoints.save_atomic
+
+    def killed_after_epoch_two(payload, path):
+        real_save(payload, path)
+        if Path(path).name == "last.pt" and payload["epoch"] == 1:
+            raise KeyboardInterrupt  # as if the machine went down right after the checkpoint
+
+    monkeypatch.setattr(checkpoints, "save_atomic", killed_after_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(data, "smoke", tmp_path / "resumed", **settings)
+    monkeypatch.setattr(checkpoints, "save_atomic", real_save)
+    assert checkpoints.load(tmp_path / "resumed" / "checkpoints" / "last.pt")["epoch"] == 1
+    assert not list((tmp_path / "resumed" / "checkpoints").glob("*.tmp"))  # nothing half-written
+
+    resumed = train(data, "smoke", tmp_path / "resumed", resume=True, **settings)
+    assert resumed["train_loss"] == uninterrupted["train_loss"]
+    assert resumed["val_accuracy"] == uninterrupted["val_accuracy"]
+    full = checkpoints.load(uninterrupted["last_checkpoint"])["model"]
+    again = checkpoints.load(resumed["last_checkpoint"])["model"]
+    assert all(torch.equal(full[key], again[key]) for key in full)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    data = str(make_layout(tmp_path / "data", per_split=(8, 2, 2)))
+    train(data, "smoke", tmp_path / "run", epochs=1, batch_size=8)
+    with pytest.raises(ValueError, match="trained with other settings"):
+        train(data, "smoke", tmp_path / "run", resume=True, epochs=1, batch_size=4)
+
+
+def test_the_schedule_warms_up_then_decays_to_min_lr():
+    config = preset("smoke", lr=1e-3, min_lr=1e-5, warmup_epochs=2)
+    rates = [learning_rate(config, step, total_steps=100, steps_per_epoch=10) for step in range(100)]
+    assert rates[0] == pytest.approx(1e-3 / 20) and rates[19] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[19:], rates[20:]))
+    assert rates[-1] == pytest.approx(1e-5, abs=1e-6)
+
+
+def test_every_epoch_visits_every_image_once_in_a_seeded_order():
+    sampler = EpochBatches(size=10, batch_size=3, first=0, last=2, seed=7)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 6
+    first_epoch = [index for batch in batches[:3] for _, index in batch]
+    assert len(set(first_epoch)) == 9 and {epoch for batch in batches[3:] for epoch, _ in batch} == {1}
+    assert batches == list(EpochBatches(10, 3, 0, 2, seed=7))
+    assert batches[3:] == list(EpochBatches(10, 3, 1, 2, seed=7))  # a resumed epoch is the same epoch
+
+
+def test_unknown_settings_are_refused():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        preset("huge")
+    with pytest.raises(ValueError, match=r"unknown training settings \['learning_rate'\]"):
+        preset("smoke", learning_rate=1.0)
