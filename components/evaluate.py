@@ -53,15 +53,22 @@ def per_class_report(confusion: np.ndarray, classes: list[str]) -> pd.DataFrame:
     return pd.DataFrame({"class": classes, "precision": precision, "recall": recall, "f1": f1, "support": actual})
 
 
-def evaluate(checkpoint: Path, data: str, output_json: Path, image_size: int | None = None,
-             device: str = "auto", split: str = "test") -> dict:  # fmt: skip
+def evaluate(
+    checkpoint: Path,
+    data: str,
+    output_json: Path,
+    image_size: int | None = None,
+    device: str = "auto",
+    split: str = "test",
+) -> dict:
     """Evaluates and returns ``{"test_accuracy", "test_top5_accuracy", "test_loss",
     "image_size", "num_images", "per_class", "clearml"}``; also written to ``output_json``."""
     output_json = Path(output_json)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     with open_task(output_json.stem, "testing", output_json.parent, title="evaluate") as tracker:
-        params = tracker.connect({"checkpoint": str(checkpoint), "data": data, "image_size": image_size or 0,
-                                  "split": split})  # fmt: skip
+        params = tracker.connect(
+            {"checkpoint": str(checkpoint), "data": data, "image_size": image_size or 0, "split": split}
+        )
         model, saved = checkpoints.load_model(Path(params["checkpoint"]))
         size = params["image_size"] or model.image_size[0]
         if size != model.image_size[0]:
@@ -69,8 +76,9 @@ def evaluate(checkpoint: Path, data: str, output_json: Path, image_size: int | N
             model.set_image_size(size)
         dataset = resolve(params["data"])
         if "classes" in saved and saved["classes"] != dataset.classes:
-            raise DataError(f"the checkpoint was trained on the classes {saved['classes']}, the data has "
-                            f"{dataset.classes}")  # fmt: skip
+            raise DataError(
+                f"the checkpoint was trained on the classes {saved['classes']}, the data has {dataset.classes}"
+            )
         images, labels = decode_split(dataset, params["split"], size)
         logits = predict(model.to(device), images, device)
         predictions = logits.argmax(1).numpy()
@@ -107,10 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a .pt file written by train")
     parser.add_argument("--data", required=True, help="a zip, a folder, a data version folder or a ClearML Dataset id")
     parser.add_argument(
-        "--image-size", type=int, default=None,
+        "--image-size",
+        type=int,
+        default=None,
         help="evaluate at this size; other than the checkpoint's, the position embeddings are interpolated "
         "(default: the checkpoint's)",
-    )  # fmt: skip
+    )
     parser.add_argument("--split", default="test", choices=["train", "valid", "test"], help="default: test")
     parser.add_argument("--output-json", type=Path, required=True, help="where the metrics go")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
@@ -119,8 +129,10 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate(args.checkpoint, args.data, args.output_json, args.image_size, args.device, args.split)
     except (DataError, ValueError, FileNotFoundError) as error:
         parser.exit(2, f"evaluate: error: {error}\n")
-    print(f"{args.split} accuracy {result['test_accuracy']:.4f} (top-5 {result['test_top5_accuracy']:.4f}), "
-          f"loss {result['test_loss']:.4f} on {result['num_images']} images at {result['image_size']}")  # fmt: skip
+    print(
+        f"{args.split} accuracy {result['test_accuracy']:.4f} (top-5 {result['test_top5_accuracy']:.4f}), "
+        f"loss {result['test_loss']:.4f} on {result['num_images']} images at {result['image_size']}"
+    )
 
 
 if __name__ == "__main__":

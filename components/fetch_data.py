@@ -111,9 +111,10 @@ def fetch_data(source: str, output: Path, strict: bool = False) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--source", default="kaggle", help="'kaggle' (needs Kaggle credentials), or a local .zip or folder "
-        "in the headgear layout (default: kaggle)",
-    )  # fmt: skip
+        "--source",
+        default="kaggle",
+        help="'kaggle' (needs Kaggle credentials), or a local .zip or folder in the headgear layout (default: kaggle)",
+    )
     parser.add_argument("--output", type=Path, required=True, help="folder for the data version and fetch_data.json")
     parser.add_argument("--strict", action="store_true", help="fail on the first bad image instead of skipping it")
     args = parser.parse_args(argv)

@@ -57,8 +57,15 @@ def confusion_figure(matrix: np.ndarray, classes: list[str]):
     axis.set_ylabel("true")
     for (row, column), count in np.ndenumerate(matrix):
         if count:
-            axis.text(column, row, int(count), ha="center", va="center", fontsize=6,
-                      color="white" if count > matrix.max() / 2 else "black")  # fmt: skip
+            axis.text(
+                column,
+                row,
+                int(count),
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if count > matrix.max() / 2 else "black",
+            )
     figure.colorbar(shown, ax=axis, shrink=0.7)
     return figure
 

@@ -35,20 +35,41 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     # The whole pipeline on 2 CPU cores in about a minute: tiny model, 32x32 images.
     "smoke": TrainConfig(
-        model="vit-tiny-test", image_size=32, epochs=3, batch_size=64, lr=2e-3, warmup_epochs=0.5,
-        drop_path_rate=0.0, crop_scale=0.6,
+        model="vit-tiny-test",
+        image_size=32,
+        epochs=3,
+        batch_size=64,
+        lr=2e-3,
+        warmup_epochs=0.5,
+        drop_path_rate=0.0,
+        crop_scale=0.6,
     ),
     # A small ViT that the CPU trains in about ten minutes: patch 8 at 64x64.
     "cpu-10min": TrainConfig(
-        model="vit-ti16", image_size=64, patch_size=8, epochs=20, batch_size=128, lr=2e-3, warmup_epochs=2,
-        drop_path_rate=0.0, crop_scale=0.5,
+        model="vit-ti16",
+        image_size=64,
+        patch_size=8,
+        epochs=20,
+        batch_size=128,
+        lr=2e-3,
+        warmup_epochs=2,
+        drop_path_rate=0.0,
+        crop_scale=0.5,
     ),
     # ViT-Ti/16 at 224 after the paper and DeiT, for a GPU.
     "vit-ti16-224": TrainConfig(
-        model="vit-ti16", image_size=224, epochs=300, batch_size=256, lr=1e-3, warmup_epochs=10,
-        weight_decay=0.05, drop_path_rate=0.1, mixup_alpha=0.8, cutmix_alpha=1.0,
+        model="vit-ti16",
+        image_size=224,
+        epochs=300,
+        batch_size=256,
+        lr=1e-3,
+        warmup_epochs=10,
+        weight_decay=0.05,
+        drop_path_rate=0.1,
+        mixup_alpha=0.8,
+        cutmix_alpha=1.0,
     ),
-}  # fmt: skip
+}
 
 
 def preset(name: str, **overrides) -> TrainConfig:

@@ -15,6 +15,7 @@ credentials are read from the environment by the libraries that need them.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from collections.abc import Iterator
@@ -86,7 +87,8 @@ class Tracker:
         self.logger.report_scalar(title, series, value=float(value), iteration=step)
 
     def table(self, title: str, frame, step: int = 0) -> None:
-        self.logger.report_table(title, "table", iteration=step, table_plot=frame)
+        shown = frame.astype(object).where(frame.notna(), "")  # ClearML cannot show NaN
+        self.logger.report_table(title, "table", iteration=step, table_plot=shown)
 
     def figure(self, title: str, figure, step: int = 0) -> None:
         self.logger.report_matplotlib_figure(title, "figure", figure=figure, iteration=step, report_image=True)
@@ -118,6 +120,10 @@ def open_task(component: str, task_type: str, output_dir: Path, title: str = "")
         os.environ["CLEARML_CONFIG_FILE"] = str(OFFLINE_CONFIG)
     if not offline:
         check_server()
+    if importlib.util.find_spec("IPython"):
+        # ClearML's repository detection imports IPython in a thread; matplotlib, drawing in this
+        # thread meanwhile, trips over the half-imported module. Import it whole first.
+        import IPython  # noqa: F401
     from clearml import Task
 
     Task.set_offline(offline)

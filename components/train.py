@@ -44,10 +44,12 @@ class AugmentedImages(Dataset):
     def __init__(self, images: np.ndarray, labels: np.ndarray, config: TrainConfig):
         self.images, self.labels, self.seed = images, labels, config.seed
         size = (config.image_size, config.image_size)
-        self.transform = A.Compose([
-            A.RandomResizedCrop(size=size, scale=(config.crop_scale, 1.0), p=float(config.crop_scale < 1)),
-            A.HorizontalFlip(p=0.5 if config.hflip else 0.0),
-        ])  # fmt: skip
+        self.transform = A.Compose(
+            [
+                A.RandomResizedCrop(size=size, scale=(config.crop_scale, 1.0), p=float(config.crop_scale < 1)),
+                A.HorizontalFlip(p=0.5 if config.hflip else 0.0),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -112,10 +114,17 @@ def mix(images: torch.Tensor, targets: torch.Tensor, config: TrainConfig) -> tup
 
 def build_model(config: TrainConfig, n_classes: int) -> ViT:
     overrides = {"patch_size": config.patch_size} if config.patch_size else {}
-    return ViT(**model_config(
-        config.model, image_size=config.image_size, n_classes=n_classes, attention=config.attention,
-        dropout_rate=config.dropout_rate, drop_path_rate=config.drop_path_rate, **overrides,
-    ))  # fmt: skip
+    return ViT(
+        **model_config(
+            config.model,
+            image_size=config.image_size,
+            n_classes=n_classes,
+            attention=config.attention,
+            dropout_rate=config.dropout_rate,
+            drop_path_rate=config.drop_path_rate,
+            **overrides,
+        )
+    )
 
 
 def build_optimizer(model: ViT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -173,12 +182,20 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         augmented = AugmentedImages(train_images, train_labels, config)
         sampler = EpochBatches(len(augmented), config.batch_size, first_epoch, config.epochs, config.seed)
         workers = _workers(config, device)
-        loader = DataLoader(augmented, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                            persistent_workers=False, prefetch_factor=4 if workers else None)  # fmt: skip
+        loader = DataLoader(
+            augmented,
+            batch_sampler=sampler,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+        )
         if first_epoch == 0:
             sample = [augmented[(0, i)] for i in range(min(16, len(augmented)))]
-            tracker.figure("augmented training images", image_grid_figure(
-                np.stack([image for image, _ in sample]), [classes[label] for _, label in sample]))  # fmt: skip
+            tracker.figure(
+                "augmented training images",
+                image_grid_figure(np.stack([image for image, _ in sample]), [classes[label] for _, label in sample]),
+            )
 
         steps_per_epoch, total_steps = sampler.steps_per_epoch, config.epochs * sampler.steps_per_epoch
         step = first_epoch * steps_per_epoch
@@ -233,26 +250,43 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                 history["train_accuracy"].append(epoch_correct.item() / (steps_per_epoch * config.batch_size))
                 history["val_loss"].append(val_loss)
                 history["val_accuracy"].append(val_accuracy)
-                for name, series, value in (("loss", "train", history["train_loss"][-1]), ("loss", "valid", val_loss),
-                                            ("accuracy", "train", history["train_accuracy"][-1]),
-                                            ("accuracy", "valid", val_accuracy)):  # fmt: skip
+                for name, series, value in (
+                    ("loss", "train", history["train_loss"][-1]),
+                    ("loss", "valid", val_loss),
+                    ("accuracy", "train", history["train_accuracy"][-1]),
+                    ("accuracy", "valid", val_accuracy),
+                ):
                     tracker.scalar(name, series, value, epoch + 1)
                 payload = {
-                    "model": model.state_dict(), "config": model.config, "classes": classes,
-                    "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
-                    "best_accuracy": max(best_accuracy, val_accuracy), "train_config": asdict(config),
+                    "model": model.state_dict(),
+                    "config": model.config,
+                    "classes": classes,
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                    "best_accuracy": max(best_accuracy, val_accuracy),
+                    "train_config": asdict(config),
                     "data_version": dataset.version,
-                }  # fmt: skip
+                }
                 if val_accuracy > best_accuracy:
                     best_accuracy = val_accuracy
                     checkpoints.save_atomic({k: payload[k] for k in ("model", "config", "classes", "epoch")}, best_path)
                 checkpoints.save_atomic(payload, last_path)
-                progress.write(f"epoch {epoch + 1}/{config.epochs}: train loss {history['train_loss'][-1]:.4f}, "
-                               f"valid loss {val_loss:.4f}, valid accuracy {val_accuracy:.4f}")  # fmt: skip
+                progress.write(
+                    f"epoch {epoch + 1}/{config.epochs}: train loss {history['train_loss'][-1]:.4f}, "
+                    f"valid loss {val_loss:.4f}, valid accuracy {val_accuracy:.4f}"
+                )
         progress.close()
 
-        figure = curves_figure({"train loss": history["train_loss"], "valid loss": history["val_loss"],
-                                "valid accuracy": history["val_accuracy"]}, "epoch", "value")  # fmt: skip
+        figure = curves_figure(
+            {
+                "train loss": history["train_loss"],
+                "valid loss": history["val_loss"],
+                "valid accuracy": history["val_accuracy"],
+            },
+            "epoch",
+            "value",
+        )
         figure.savefig(output / "curves.png", dpi=120)
         tracker.figure("training curves", figure)
         tracker.model(best_path, f"vit {preset_name} best", model.config)
@@ -274,8 +308,12 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="a zip, a folder in the headgear layout, a data version "
-                        "folder written by fetch_data, or (with a server) a ClearML Dataset id")  # fmt: skip
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="a zip, a folder in the headgear layout, a data version "
+        "folder written by fetch_data, or (with a server) a ClearML Dataset id",
+    )
     parser.add_argument("--preset", default="smoke", help="smoke | cpu-10min | vit-ti16-224 (default: smoke)")
     parser.add_argument("--output", type=Path, required=True, help="folder for checkpoints/, train.json, curves.png")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
@@ -283,8 +321,9 @@ def main(argv: list[str] | None = None) -> None:
     add_override_flags(parser)
     args = parser.parse_args(argv)
     try:
-        result = train(args.data, args.preset, args.output, resume=args.resume, device=args.device,
-                       **overrides_from(args))  # fmt: skip
+        result = train(
+            args.data, args.preset, args.output, resume=args.resume, device=args.device, **overrides_from(args)
+        )
     except (DataError, ValueError, FileNotFoundError) as error:
         parser.exit(2, f"train: error: {error}\n")
     print(f"best checkpoint {result['checkpoint']}: valid accuracy {max(result['val_accuracy']):.4f}")

@@ -286,16 +286,34 @@ class ViT(nn.Module):
         super().__init__()
         image_size = _pair(image_size)
         self.config = dict(
-            image_size=list(image_size), patch_size=patch_size, in_channels=in_channels, embed_dim=embed_dim,
-            qkv_dim=qkv_dim, mlp_hidden_size=mlp_hidden_size, n_layers=n_layers, n_heads=n_heads,
-            n_classes=n_classes, dropout_rate=dropout_rate, attention=attention, drop_path_rate=drop_path_rate,
-        )  # fmt: skip
+            image_size=list(image_size),
+            patch_size=patch_size,
+            in_channels=in_channels,
+            embed_dim=embed_dim,
+            qkv_dim=qkv_dim,
+            mlp_hidden_size=mlp_hidden_size,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_classes=n_classes,
+            dropout_rate=dropout_rate,
+            attention=attention,
+            drop_path_rate=drop_path_rate,
+        )
         self.projector = LinearProjector(image_size, patch_size, in_channels, embed_dim, dropout_rate)
-        self.blocks = nn.Sequential(*(
-            EncoderBlock(embed_dim, qkv_dim, mlp_hidden_size, n_heads, dropout_rate,
-                         drop_path_rate * i / max(n_layers - 1, 1), attention)
-            for i in range(n_layers)
-        ))  # fmt: skip
+        self.blocks = nn.Sequential(
+            *(
+                EncoderBlock(
+                    embed_dim,
+                    qkv_dim,
+                    mlp_hidden_size,
+                    n_heads,
+                    dropout_rate,
+                    drop_path_rate * i / max(n_layers - 1, 1),
+                    attention,
+                )
+                for i in range(n_layers)
+            )
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, n_classes)
         self.reset_parameters()

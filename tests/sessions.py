@@ -23,6 +23,7 @@ def read_session(archive: Path) -> dict:
 
 def scalars(session: dict, metric: str, variant: str) -> list[float]:
     return [
-        e["value"] for e in session["events"]
+        e["value"]
+        for e in session["events"]
         if e.get("type") == "training_stats_scalar" and e["metric"] == metric and e["variant"] == variant
-    ]  # fmt: skip
+    ]

@@ -34,10 +34,12 @@ def test_evaluate_agrees_with_a_hand_computation(tmp_path, random_checkpoint):
 
     rows = [line.split(",") for line in (folder / "headgear.csv").read_text().splitlines()[1:]]
     test_rows = [row for row in rows if row[3] == "test"]
-    pixels = np.stack([
-        np.asarray(Image.open(folder / relative).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC))
-        for _, relative, _, _ in test_rows
-    ])  # fmt: skip
+    pixels = np.stack(
+        [
+            np.asarray(Image.open(folder / relative).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC))
+            for _, relative, _, _ in test_rows
+        ]
+    )
     labels = torch.tensor([int(row[0]) for row in test_rows])
     with torch.no_grad():
         logits = model(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1)

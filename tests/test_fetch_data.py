@@ -33,8 +33,11 @@ def test_missing_kaggle_credentials_fail_fast_and_say_what_to_set(no_kaggle_cred
     started = time.monotonic()
     run = subprocess.run(
         [sys.executable, "-m", "components.fetch_data", "--source", "kaggle", "--output", str(tmp_path / "out")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2
     assert time.monotonic() - started < 30
     assert "no Kaggle credentials found" in run.stderr

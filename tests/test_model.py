@@ -51,9 +51,13 @@ def test_resize_pos_embed_equals_timm(old_grid, new_grid, mode, antialias):
     pos_embed = torch.randn(1, 1 + old_grid[0] * old_grid[1], 32)
     ours = resize_pos_embed(pos_embed, old_grid, new_grid, mode=mode, antialias=antialias)
     reference = resample_abs_pos_embed(
-        pos_embed, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=1,
-        interpolation=mode, antialias=antialias,
-    )  # fmt: skip
+        pos_embed,
+        new_size=list(new_grid),
+        old_size=list(old_grid),
+        num_prefix_tokens=1,
+        interpolation=mode,
+        antialias=antialias,
+    )
     assert ours.shape == (1, 1 + new_grid[0] * new_grid[1], 32)
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours[:, 0], pos_embed[:, 0], rtol=0, atol=0)
@@ -117,9 +121,9 @@ def test_every_parameter_receives_a_gradient(attention):
 
 
 @pytest.mark.parametrize(
-    "preset, timm_name", [("vit-ti16", "vit_tiny_patch16_224"), ("vit-s16", "vit_small_patch16_224"),
-                          ("vit-b16", "vit_base_patch16_224")],
-)  # fmt: skip
+    "preset, timm_name",
+    [("vit-ti16", "vit_tiny_patch16_224"), ("vit-s16", "vit_small_patch16_224"), ("vit-b16", "vit_base_patch16_224")],
+)
 def test_preset_parameter_counts_equal_timm(preset, timm_name):
     ours = ViT(**model_config(preset, image_size=224, n_classes=20), attention="fused")
     reference = timm.create_model(timm_name, pretrained=False, num_classes=20)

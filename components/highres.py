@@ -1,0 +1,240 @@
+"""highres: the model trained at 224 evaluated at 384, the paper's way (section 3.2).
+
+Side by side on the test split, with the images resized to the new size:
+
+1. no resize: the model refuses the new size with its own error;
+2. position embeddings interpolated in 2D, bilinear;
+3. interpolated, bicubic (the default);
+4. interpolated and then fine-tuned at the new size for a short schedule, as the paper does
+   (SGD with momentum 0.9, gradient clipping, cosine decay; ``--finetune-steps 0`` skips it);
+
+and the accuracy at the training size as the reference row.
+
+    python -m components.highres --checkpoint best.pt --data SRC --output-json highres.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from components import checkpoints
+from components.data import DataError, decode_split, resolve, to_input
+from components.evaluate import accuracy, predict
+from components.plots import grouped_bars_figure, similarity_figure
+from components.presets import TrainConfig
+from components.tracking import open_task
+from components.train import AugmentedImages, EpochBatches, learning_rate
+from model import ViT
+
+
+def test_metrics(model: ViT, images: np.ndarray, labels: np.ndarray, device: torch.device) -> dict:
+    logits = predict(model.to(device), images, device)
+    return {"accuracy": accuracy(logits, labels), "loss": F.cross_entropy(logits, torch.from_numpy(labels)).item()}
+
+
+def finetune(
+    model: ViT, images: np.ndarray, labels: np.ndarray, config: TrainConfig, steps: int, device: torch.device
+) -> list[float]:
+    """SGD with momentum 0.9 at the new size, cosine decay from ``config.lr``, gradient
+    clipping, the training run's crop and flip; returns the loss of every step."""
+    model.to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
+    augmented = AugmentedImages(images, labels, config)
+    sampler = EpochBatches(len(images), config.batch_size, 0, 1_000_000, config.seed)
+    loader = DataLoader(augmented, batch_sampler=sampler, num_workers=0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    losses = []
+    for step, (batch_images, batch_labels) in enumerate(tqdm(loader, total=steps, desc="fine-tune", unit="step")):
+        if step == steps:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step, steps, steps_per_epoch=1)
+        with autocast:
+            logits = model(to_input(batch_images.to(device)))
+        loss = F.cross_entropy(logits.float(), batch_labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _patch_grid(model: ViT) -> np.ndarray:
+    height, width = model.projector.grid
+    return model.projector.pos_embed.detach()[0, 1:].reshape(height, width, -1).float().cpu().numpy()
+
+
+def highres(
+    checkpoint: Path,
+    data: str,
+    output_json: Path,
+    image_size: int = 384,
+    finetune_steps: int = 300,
+    finetune_lr: float = 0.01,
+    finetune_batch_size: int = 64,
+    reference_json: Path | None = None,
+    device: str = "auto",
+) -> dict:
+    """Runs the four variants and returns ``{"image_size", "test_accuracy_bilinear",
+    "test_accuracy_bicubic", "test_accuracy_finetuned", "checkpoint", ...}``; also written to
+    ``output_json``."""
+    output_json = Path(output_json)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    with open_task(output_json.stem, "testing", output_json.parent, title=f"highres {image_size}") as tracker:
+        params = tracker.connect(
+            {
+                "checkpoint": str(checkpoint),
+                "data": data,
+                "image_size": image_size,
+                "finetune_steps": finetune_steps,
+                "finetune_lr": finetune_lr,
+                "finetune_batch_size": finetune_batch_size,
+            }
+        )
+        size = params["image_size"]
+        trained, saved = checkpoints.load_model(Path(params["checkpoint"]))
+        native = trained.image_size[0]
+        dataset = resolve(params["data"])
+        images, labels = decode_split(dataset, "test", size)
+
+        if reference_json and Path(reference_json).is_file():
+            reference = json.loads(Path(reference_json).read_text())
+            reference = {"accuracy": reference["test_accuracy"], "loss": reference["test_loss"]}
+        else:
+            reference = test_metrics(trained, *decode_split(dataset, "test", native), device)
+
+        try:  # 1. as trained: the model must refuse, and say how to fix it
+            trained.to(device).eval()(to_input(torch.from_numpy(images[:1]).to(device)))
+            no_resize_error = None
+        except ValueError as error:
+            no_resize_error = str(error)
+        print(f"no resize: {no_resize_error}")
+
+        variants = {}
+        for mode in ("bilinear", "bicubic"):  # 2. and 3.
+            model, _ = checkpoints.load_model(Path(params["checkpoint"]))
+            variants[mode] = model.set_image_size(size, mode=mode)
+            metrics = test_metrics(variants[mode], images, labels, device)
+            variants[mode + " metrics"] = metrics
+
+        finetuned_metrics, finetune_losses = None, []
+        result_model = variants["bicubic"]
+        if params["finetune_steps"] > 0:  # 4.
+            train_images, train_labels = decode_split(dataset, "train", size)
+            config = replace(
+                TrainConfig(**saved["train_config"]) if "train_config" in saved else TrainConfig(),
+                image_size=size,
+                lr=params["finetune_lr"],
+                min_lr=0.0,
+                warmup_epochs=0,
+                batch_size=min(params["finetune_batch_size"], len(train_images)),
+            )
+            model, _ = checkpoints.load_model(Path(params["checkpoint"]))
+            model.set_image_size(size)
+            finetune_losses = finetune(model, train_images, train_labels, config, params["finetune_steps"], device)
+            for step, loss in enumerate(finetune_losses):
+                tracker.scalar("fine-tune loss", f"train @ {size}", loss, step)
+            finetuned_metrics = test_metrics(model, images, labels, device)
+            result_model = model
+
+        table = pd.DataFrame(
+            [
+                {"variant": f"reference: trained size {native}", "image_size": native, **reference},
+                {"variant": "no resize", "image_size": size, "accuracy": None, "loss": None},
+                {"variant": "interpolated, bilinear", "image_size": size, **variants["bilinear metrics"]},
+                {"variant": "interpolated, bicubic", "image_size": size, **variants["bicubic metrics"]},
+                {
+                    "variant": f"bicubic + fine-tuned {params['finetune_steps']} steps",
+                    "image_size": size,
+                    **(finetuned_metrics or {"accuracy": None, "loss": None}),
+                },
+            ]
+        )
+        print(table.to_string(index=False))
+        tracker.table("accuracy by variant", table)
+        shown = table.dropna()
+        figure = grouped_bars_figure(
+            list(shown["variant"]),
+            {"test accuracy": list(shown["accuracy"])},
+            "accuracy",
+            f"trained at {native}, evaluated at {size}",
+        )
+        figure.savefig(output_json.with_suffix(".png"), dpi=120)
+        tracker.figure("accuracy by variant", figure)
+        similarity = similarity_figure(
+            {f"trained ({native})": _patch_grid(trained), f"bicubic ({size})": _patch_grid(variants["bicubic"])}
+        )
+        similarity.savefig(output_json.with_suffix(".pos_embed.png"), dpi=100)
+        tracker.figure("position embedding similarity", similarity)
+
+        model_path = checkpoints.save_atomic(
+            {"model": result_model.state_dict(), "config": result_model.config, "classes": dataset.classes},
+            output_json.parent / f"model_{size}.pt",
+        )
+        tracker.model(model_path, f"vit {size}", result_model.config)
+        result = {
+            "image_size": size,
+            "trained_image_size": native,
+            "reference_accuracy": reference["accuracy"],
+            "no_resize_error": no_resize_error,
+            "test_accuracy_bilinear": variants["bilinear metrics"]["accuracy"],
+            "test_accuracy_bicubic": variants["bicubic metrics"]["accuracy"],
+            "test_accuracy_finetuned": finetuned_metrics and finetuned_metrics["accuracy"],
+            "test_loss_bilinear": variants["bilinear metrics"]["loss"],
+            "test_loss_bicubic": variants["bicubic metrics"]["loss"],
+            "test_loss_finetuned": finetuned_metrics and finetuned_metrics["loss"],
+            "finetune_losses": finetune_losses,
+            "checkpoint": str(model_path),
+        }
+        tracker.artifact("metrics", {k: v for k, v in result.items() if k != "finetune_losses"})
+    result["clearml"] = tracker.session
+    output_json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a .pt file written by train")
+    parser.add_argument("--data", required=True, help="a zip, a folder, a data version folder or a ClearML Dataset id")
+    parser.add_argument("--image-size", type=int, default=384, help="the new input size (default: 384)")
+    parser.add_argument("--finetune-steps", type=int, default=300, help="SGD steps at the new size; 0 skips (300)")
+    parser.add_argument("--finetune-lr", type=float, default=0.01, help="peak SGD learning rate (default: 0.01)")
+    parser.add_argument("--finetune-batch-size", type=int, default=64, help="default: 64")
+    parser.add_argument(
+        "--reference-json",
+        type=Path,
+        default=None,
+        help="evaluate's JSON at the training size, for the reference row (else computed here)",
+    )
+    parser.add_argument("--output-json", type=Path, required=True, help="where the results go")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    args = parser.parse_args(argv)
+    try:
+        highres(
+            args.checkpoint,
+            args.data,
+            args.output_json,
+            args.image_size,
+            args.finetune_steps,
+            args.finetune_lr,
+            args.finetune_batch_size,
+            args.reference_json,
+            args.device,
+        )
+    except (DataError, ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"highres: error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()
