@@ -70,6 +70,13 @@ def check_server(timeout_s: float = PING_TIMEOUT_S) -> str:
     return host
 
 
+def child_environment(**overrides: str) -> dict[str, str]:
+    """The environment for a component started as a new process: without the markers
+    ClearML sets for its own sub-processes, which would make the child's task a stub of ours."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CLEARML_PROC_MASTER_ID", "CLEARML_TASK_ID")}
+    return {**env, **overrides}
+
+
 class Tracker:
     """A thin face over one ClearML task, the same online and offline."""
 

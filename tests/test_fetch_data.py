@@ -15,6 +15,7 @@ from kaggle.api.kaggle_api_extended import KaggleApi
 
 from components.data import DataError
 from components.fetch_data import KAGGLE_DATASET, fetch_data
+from components.tracking import child_environment
 from tests.conftest import REPO, zip_folder
 from tests.sessions import read_session
 
@@ -34,6 +35,7 @@ def test_missing_kaggle_credentials_fail_fast_and_say_what_to_set(no_kaggle_cred
     run = subprocess.run(
         [sys.executable, "-m", "components.fetch_data", "--source", "kaggle", "--output", str(tmp_path / "out")],
         cwd=REPO,
+        env=child_environment(),
         capture_output=True,
         text=True,
         timeout=120,
