@@ -73,7 +73,8 @@ def check_server(timeout_s: float = PING_TIMEOUT_S) -> str:
 def child_environment(**overrides: str) -> dict[str, str]:
     """The environment for a component started as a new process: without the markers
     ClearML sets for its own sub-processes, which would make the child's task a stub of ours."""
-    env = {k: v for k, v in os.environ.items() if k not in ("CLEARML_PROC_MASTER_ID", "CLEARML_TASK_ID")}
+    markers = ("CLEARML_PROC_MASTER_ID", "TRAINS_PROC_MASTER_ID", "CLEARML_TASK_ID", "TRAINS_TASK_ID")
+    env = {k: v for k, v in os.environ.items() if k not in markers}
     return {**env, **overrides}
 
 
