@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pandas as pd
 import torch
 from torch.utils import benchmark as torch_benchmark
 
+from components.atomic import atomic_path, write_json
 from components.plots import grouped_bars_figure
 from components.tracking import open_task
 from model import ATTENTION_IMPLEMENTATIONS, MODEL_PRESETS, MultiHeadSelfAttention, ViT
@@ -224,11 +224,12 @@ def benchmark_attention(output_json: Path, device: str = "auto", quick: bool = F
             "rows": rows,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__,
+            "plots": [str(output_json.with_suffix(".png"))],
         }
         tracker.artifact("benchmark", result)
     result["clearml"] = tracker.session
-    output_json.write_text(json.dumps(result, indent=2))
-    with output_json.with_suffix(".csv").open("w", newline="") as handle:
+    write_json(result, output_json)
+    with atomic_path(output_json.with_suffix(".csv")) as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -3,45 +3,48 @@ atomically and read back with ``torch.load(..., weights_only=True)``."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from components.atomic import atomic_path
 from model import ViT
 
 
 def save_atomic(payload: dict, path: Path) -> Path:
-    """Writes to a temporary file beside ``path`` and renames it: a killed run leaves the
-    previous checkpoint intact, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    """Writes beside ``path`` and renames: a killed run leaves the previous checkpoint intact."""
+    with atomic_path(path) as temporary:
         torch.save(payload, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
-def load(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; pass the .pt file that train wrote (see its train.json)")
+def local_copy(reference: str | Path) -> Path:
+    """A checkpoint file: ``reference`` itself, or with a ClearML server, the local copy of
+    the registered model of that id."""
+    path = Path(reference)
+    if path.is_file():
+        return path
+    from components.tracking import server_configured
+
+    if server_configured():
+        from clearml import InputModel
+
+        return Path(InputModel(model_id=str(reference)).get_local_copy())
+    raise FileNotFoundError(f"no checkpoint at {path}; pass the .pt file that train wrote (see its train.json)")
+
+
+def load(reference: str | Path) -> dict:
+    path = local_copy(reference)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not {"model", "config"} <= set(checkpoint):
         raise ValueError(f"{path} is not a checkpoint of this project (it lacks 'model' and 'config')")
     return checkpoint
 
 
-def load_model(path: Path, attention: str | None = None) -> tuple[ViT, dict]:
+def load_model(reference: str | Path, attention: str | None = None) -> tuple[ViT, dict]:
     """The model of a checkpoint (optionally with another attention implementation) and the
     checkpoint itself."""
-    checkpoint = load(path)
+    checkpoint = load(reference)
     config = dict(checkpoint["config"])
     if attention:
         config["attention"] = attention

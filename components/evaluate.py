@@ -9,7 +9,6 @@ the misclassified images, reported to ClearML.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from components import checkpoints
+from components.atomic import write_json
 from components.data import DataError, decode_split, resolve, to_input
 from components.plots import confusion_figure, image_grid_figure
 from components.tracking import open_task
@@ -39,7 +39,7 @@ def predict(model: torch.nn.Module, images: np.ndarray, device: torch.device, ba
 def accuracy(logits: torch.Tensor, labels: np.ndarray, k: int = 1) -> float:
     """Fraction of images whose label is among the k highest logits."""
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return (top == torch.as_tensor(labels)[:, None]).any(dim=1).float().mean().item()
+    return (top == torch.as_tensor(labels)[:, None]).any(dim=1).double().mean().item()
 
 
 def per_class_report(confusion: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -93,6 +93,7 @@ def evaluate(
             "image_size": size,
             "num_images": len(labels),
             "per_class": report.to_dict(orient="records"),
+            "plots": [str(output_json.with_suffix(".confusion.png"))],
         }
         for name in ("test_accuracy", "test_top5_accuracy", "test_loss"):
             tracker.scalar(name.removeprefix("test_"), f"{params['split']} @ {size}", result[name], 0)
@@ -104,9 +105,9 @@ def evaluate(
         if len(wrong):
             titles = [f"{classes[labels[i]]} -> {classes[predictions[i]]}" for i in wrong]
             tracker.figure("misclassified (true -> predicted)", image_grid_figure(images[wrong], titles))
-        tracker.artifact("metrics", {k: v for k, v in result.items() if k != "per_class"})
+        tracker.artifact("metrics", {k: v for k, v in result.items() if k not in ("per_class", "plots")})
     result["clearml"] = tracker.session
-    output_json.write_text(json.dumps(result, indent=2))
+    write_json(result, output_json)
     return result
 
 

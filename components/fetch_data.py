@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import tempfile
 from pathlib import Path
 
+from components.atomic import write_json
 from components.data import DataError, DataVersion, prepare
 from components.plots import class_counts_figure
 from components.tracking import open_task
@@ -104,7 +104,7 @@ def fetch_data(source: str, output: Path, strict: bool = False) -> dict:
             "skipped": manifest["skipped"],
         }
     result["clearml"] = tracker.session
-    (output / "fetch_data.json").write_text(json.dumps(result, indent=2))
+    write_json(result, output / "fetch_data.json")
     return result
 
 

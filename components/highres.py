@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from components import checkpoints
+from components.atomic import write_json
 from components.data import DataError, decode_split, resolve, to_input
 from components.evaluate import accuracy, predict
 from components.plots import grouped_bars_figure, similarity_figure
@@ -182,7 +183,7 @@ def highres(
             {"model": result_model.state_dict(), "config": result_model.config, "classes": dataset.classes},
             output_json.parent / f"model_{size}.pt",
         )
-        tracker.model(model_path, f"vit {size}", result_model.config)
+        model_id = tracker.model(model_path, f"vit {size}", result_model.config)
         result = {
             "image_size": size,
             "trained_image_size": native,
@@ -196,10 +197,12 @@ def highres(
             "test_loss_finetuned": finetuned_metrics and finetuned_metrics["loss"],
             "finetune_losses": finetune_losses,
             "checkpoint": str(model_path),
+            "model_id": model_id,
+            "plots": [str(output_json.with_suffix(".png")), str(output_json.with_suffix(".pos_embed.png"))],
         }
-        tracker.artifact("metrics", {k: v for k, v in result.items() if k != "finetune_losses"})
+        tracker.artifact("metrics", {k: v for k, v in result.items() if k not in ("finetune_losses", "plots")})
     result["clearml"] = tracker.session
-    output_json.write_text(json.dumps(result, indent=2))
+    write_json(result, output_json)
     return result
 
 

@@ -104,16 +104,17 @@ class Tracker:
     def artifact(self, name: str, obj) -> None:
         self.task.upload_artifact(name, artifact_object=obj, wait_on_upload=True)
 
-    def model(self, path: Path, name: str, config: dict) -> None:
-        """Registers weights: an ``OutputModel`` with a server; offline, where ``OutputModel``
-        crashes, an artifact."""
+    def model(self, path: Path, name: str, config: dict) -> str | None:
+        """Registers weights: an ``OutputModel`` with a server (returns its id, which later
+        steps resolve to a local copy); offline, where ``OutputModel`` crashes, an artifact."""
         if self.offline:
             self.artifact(name, path)
-            return
+            return None
         from clearml import OutputModel
 
         output = OutputModel(task=self.task, name=name, config_dict=config, framework="PyTorch")
         output.update_weights(weights_filename=str(path), auto_delete_file=False)
+        return output.id
 
 
 @contextmanager

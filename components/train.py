@@ -11,7 +11,6 @@ epoch, image) so that a resumed run sees exactly the images an uninterrupted one
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from components import checkpoints
+from components.atomic import write_json
 from components.data import DataError, decode_split, resolve, to_input
 from components.evaluate import accuracy, predict
 from components.plots import curves_figure, image_grid_figure
@@ -289,7 +289,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         )
         figure.savefig(output / "curves.png", dpi=120)
         tracker.figure("training curves", figure)
-        tracker.model(best_path, f"vit {preset_name} best", model.config)
+        model_id = tracker.model(best_path, f"vit {preset_name} best", model.config)
         tracker.artifact("history", history)
         result = {
             "checkpoint": str(best_path),
@@ -300,9 +300,11 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             "val_loss": history["val_loss"],
             "classes": classes,
             "data_version": dataset.version,
+            "model_id": model_id,
+            "plots": [str(output / "curves.png")],
         }
     result["clearml"] = tracker.session
-    (output / "train.json").write_text(json.dumps(result, indent=2))
+    write_json(result, output / "train.json")
     return result
 
 
