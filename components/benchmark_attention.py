@@ -46,7 +46,7 @@ def sweep_for(device: torch.device, quick: bool) -> Sweep:
     if quick:
         return Sweep(("vit-tiny-test",), (2,), dtypes, 0.02)
     if device.type == "cuda":
-        return Sweep(("vit-ti16", "vit-s16"), (32, 128), dtypes, 0.2)
+        return Sweep(("vit-ti16", "vit-s16"), (32, 128), dtypes, 0.05)
     return Sweep(("vit-ti16", "vit-s16"), (8,), dtypes, 0.5)
 
 

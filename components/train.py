@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -44,12 +45,15 @@ class AugmentedImages(Dataset):
     def __init__(self, images: np.ndarray, labels: np.ndarray, config: TrainConfig):
         self.images, self.labels, self.seed = images, labels, config.seed
         size = (config.image_size, config.image_size)
-        self.transform = A.Compose(
-            [
-                A.RandomResizedCrop(size=size, scale=(config.crop_scale, 1.0), p=float(config.crop_scale < 1)),
-                A.HorizontalFlip(p=0.5 if config.hflip else 0.0),
-            ]
-        )
+        policy = [
+            A.RandomResizedCrop(size=size, scale=(config.crop_scale, 1.0), p=float(config.crop_scale < 1)),
+            A.HorizontalFlip(p=0.5 if config.hflip else 0.0),
+        ]
+        if config.rand_augment:
+            policy.append(A.SomeOf(rand_augment_ops(), n=config.rand_augment, p=1.0))
+        if config.random_erasing:
+            policy.append(A.Erasing(fill="random", p=config.random_erasing))
+        self.transform = A.Compose(policy)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -58,6 +62,23 @@ class AugmentedImages(Dataset):
         epoch, index = key
         self.transform.set_random_seed(zlib.crc32(f"{self.seed}/{epoch}/{index}".encode()))
         return self.transform(image=self.images[index])["image"], self.labels[index]
+
+
+def rand_augment_ops() -> list:
+    """RandAugment's operations (Cubuk et al. 2020) at a fixed, moderate magnitude."""
+    return [
+        A.Affine(rotate=(-20, 20), p=1.0),
+        A.Affine(shear={"x": (-15, 15)}, p=1.0),
+        A.Affine(shear={"y": (-15, 15)}, p=1.0),
+        A.Affine(translate_percent={"x": (-0.15, 0.15)}, p=1.0),
+        A.Affine(translate_percent={"y": (-0.15, 0.15)}, p=1.0),
+        A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, p=1.0),
+        A.Equalize(p=1.0),
+        A.AutoContrast(p=1.0),
+        A.Posterize(num_bits=(4, 6), p=1.0),
+        A.Solarize(p=1.0),
+        A.Sharpen(p=1.0),
+    ]
 
 
 class EpochBatches(Sampler):
@@ -135,10 +156,16 @@ def build_optimizer(model: ViT, config: TrainConfig, device: torch.device) -> to
     return torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda")
 
 
+def _single_threaded_worker(_worker_id: int) -> None:
+    """Many loader processes each with a full thread pool would fight over the cores."""
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
 def _workers(config: TrainConfig, device: torch.device) -> int:
     if config.workers >= 0:
         return config.workers
-    return 0 if device.type == "cpu" else min(12, max(0, (os.cpu_count() or 1) - 2))
+    return 0 if device.type == "cpu" else min(16, max(0, (os.cpu_count() or 1) - 2))
 
 
 def train(data: str, preset_name: str, output: Path, resume: bool = False, device: str = "auto", **overrides) -> dict:
@@ -170,11 +197,12 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         model = build_model(config, len(classes)).to(device)
         optimizer = build_optimizer(model, config, device)
         history = {"train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": []}
-        first_epoch, best_accuracy = 0, -1.0
+        first_epoch, best_accuracy, best = 0, -1.0, {}
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             history, first_epoch, best_accuracy = state["history"], state["epoch"] + 1, state["best_accuracy"]
+            best = state["best"]
             print(f"resuming {last_path} after epoch {first_epoch}")
         use_compile = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
         forward = torch.compile(model) if use_compile else model
@@ -189,6 +217,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             pin_memory=device.type == "cuda",
             persistent_workers=False,
             prefetch_factor=4 if workers else None,
+            worker_init_fn=_single_threaded_worker,
         )
         if first_epoch == 0:
             sample = [augmented[(0, i)] for i in range(min(16, len(augmented)))]
@@ -203,6 +232,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
         epoch_loss = epoch_correct = torch.zeros((), device=device)
         window_start, window_images = time.perf_counter(), 0
+        saved_at, timed_from = time.monotonic(), None
         model.train()
         for batch_images, batch_labels in loader:
             epoch = step // steps_per_epoch
@@ -257,26 +287,28 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                     ("accuracy", "valid", val_accuracy),
                 ):
                     tracker.scalar(name, series, value, epoch + 1)
-                payload = {
-                    "model": model.state_dict(),
-                    "config": model.config,
-                    "classes": classes,
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch,
-                    "history": history,
-                    "best_accuracy": max(best_accuracy, val_accuracy),
-                    "train_config": asdict(config),
-                    "data_version": dataset.version,
-                }
-                if val_accuracy > best_accuracy:
+                if val_accuracy > best_accuracy:  # kept on the device; written with the next checkpoint
                     best_accuracy = val_accuracy
-                    checkpoints.save_atomic({k: payload[k] for k in ("model", "config", "classes", "epoch")}, best_path)
-                checkpoints.save_atomic(payload, last_path)
+                    best = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}, "epoch": epoch}
+                last_epoch = epoch + 1 == config.epochs
+                if last_epoch or time.monotonic() - saved_at >= config.checkpoint_minutes * 60:
+                    checkpoints.save_atomic({**best, "config": model.config, "classes": classes}, best_path)
+                    checkpoints.save_atomic({
+                        "model": model.state_dict(), "config": model.config, "classes": classes,
+                        "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history, "best": best,
+                        "best_accuracy": best_accuracy, "train_config": asdict(config), "data_version": dataset.version,
+                    }, last_path)  # fmt: skip
+                    saved_at = time.monotonic()
+                if epoch == first_epoch:  # throughput is measured after the first epoch (compilation, warm-up)
+                    timed_from = time.perf_counter()
                 progress.write(
                     f"epoch {epoch + 1}/{config.epochs}: train loss {history['train_loss'][-1]:.4f}, "
                     f"valid loss {val_loss:.4f}, valid accuracy {val_accuracy:.4f}"
                 )
         progress.close()
+        timed_epochs = config.epochs - first_epoch - 1
+        throughput = timed_epochs * steps_per_epoch * config.batch_size / (time.perf_counter() - timed_from) if (
+            timed_from and timed_epochs > 0) else None  # fmt: skip
 
         figure = curves_figure(
             {
@@ -298,6 +330,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             "train_loss": history["train_loss"],
             "val_accuracy": history["val_accuracy"],
             "val_loss": history["val_loss"],
+            "images_per_second": throughput,
             "classes": classes,
             "data_version": dataset.version,
             "model_id": model_id,

@@ -38,7 +38,8 @@ def test_smoke_training_learns_and_leaves_an_offline_session(smoke_run):
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     data = str(make_layout(tmp_path / "data", per_split=(24, 4, 4)))
-    settings = dict(epochs=3, batch_size=16, dropout_rate=0.1, drop_path_rate=0.1, mixup_alpha=0.4, cutmix_alpha=0.4)
+    settings = dict(epochs=3, batch_size=16, dropout_rate=0.1, drop_path_rate=0.1, mixup_alpha=0.4, cutmix_alpha=0.4,
+                    checkpoint_minutes=0.0)  # fmt: skip
     uninterrupted = train(data, "smoke", tmp_path / "full", **settings)
 
     real_save = checkpoints.save_atomic
@@ -93,3 +94,18 @@ def test_unknown_settings_are_refused():
         preset("huge")
     with pytest.raises(ValueError, match=r"unknown training settings \['learning_rate'\]"):
         preset("smoke", learning_rate=1.0)
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_image():
+    import numpy as np
+
+    from components.train import AugmentedImages
+
+    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    config = preset("smoke", rand_augment=2, random_erasing=0.5)
+    augmented = AugmentedImages(images, np.arange(4), config)
+    first, label = augmented[(3, 1)]
+    assert first.shape == (32, 32, 3) and first.dtype == np.uint8 and label == 1
+    assert np.array_equal(augmented[(3, 1)][0], first)  # the same (epoch, image): the same pixels
+    assert np.array_equal(AugmentedImages(images, np.arange(4), config)[(3, 1)][0], first)  # in any process
+    assert not np.array_equal(augmented[(4, 1)][0], first)  # another epoch: another view

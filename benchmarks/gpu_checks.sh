@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU measurements behind benchmarks/RESULTS.md, as run on a lent H100 with no network:
+#   bash benchmarks/gpu_checks.sh speed   # attention sweep + training throughput
+#   bash benchmarks/gpu_checks.sh recipe  # vit-ti16-224 from scratch, evaluate, highres at 384
+# DATA is the Fashion-MNIST stand-in archive; OUT receives the logs and JSON results.
+# SMALL=1 runs the same commands with tiny settings (a dry run on a CPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+part=${1:?speed or recipe}
+DATA=${DATA:-.device-data/fashion.zip}
+OUT=${OUT:-runs/gpu-checks}
+mkdir -p "$OUT"
+export CLEARML_OFFLINE_MODE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15 HEADGEAR_DATA_STORE=/tmp/headgear-store
+if [ -d .whl ] && [ -z "${SMALL:-}" ]; then  # packages the GPU image lacks, carried as wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || exit 1
+fi
+python3 - <<'EOF' | tee "$OUT/versions.txt"
+import torch, timm, clearml, albumentations
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+print(f"{name}; torch {torch.__version__}; timm {timm.__version__}; clearml {clearml.__version__}; "
+      f"albumentations {albumentations.__version__}")
+EOF
+device=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+
+if [ "$part" = speed ]; then
+  quick=${SMALL:+--quick}
+  timeout 120 python3 -m components.benchmark_attention --device "$device" $quick \
+    --output-json "$OUT/attention.json" 2>&1 | grep -v ClearML | tee "$OUT/attention.log"
+  small=${SMALL:+--small}
+  timeout 220 python3 benchmarks/train_throughput.py --data "$DATA" $small --steps 20 --warmup 5 --component-epochs 6 \
+    --output-json "$OUT/throughput.json" \
+    2>&1 | grep -v "ClearML\|train:" | tee "$OUT/throughput.log"
+elif [ "$part" = recipe ]; then
+  run=/tmp/recipe
+  preset=vit-ti16-224; extra=()
+  if [ -n "${SMALL:-}" ]; then preset=smoke; extra=(--epochs 2); fi
+  start=$(date +%s)
+  timeout 300 python3 -m components.train --data "$DATA" --preset $preset --output $run "${extra[@]}" 2>&1 \
+    | grep -v "ClearML" | tee "$OUT/train.log"
+  echo "training wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/train.log"
+  cp $run/train.json "$OUT/"
+  python3 -m components.evaluate --checkpoint $run/checkpoints/best.pt --data "$DATA" --output-json $run/eval/evaluate.json \
+    2>&1 | grep -v ClearML | tee "$OUT/evaluate.log"
+  size=384; [ -n "${SMALL:-}" ] && size=56
+  timeout 90 python3 -m components.highres --checkpoint $run/checkpoints/best.pt --data "$DATA" --image-size $size \
+    --reference-json $run/eval/evaluate.json --output-json $run/eval/highres.json 2>&1 | grep -v ClearML \
+    | tee "$OUT/highres.log"
+  cp $run/eval/evaluate.json $run/eval/highres.json $run/eval/highres.pos_embed.png "$OUT/"  # 8 files come back
+fi

@@ -1,0 +1,171 @@
+"""Training throughput: our ViT against timm's, in images/s and model FLOP utilisation (MFU).
+
+Rows, all measured in one run on whatever device is present:
+
+- model step: one training step (forward under bf16 autocast on a GPU, cross-entropy,
+  backward, AdamW, fused on a GPU) on a fixed batch, eager and with torch.compile, for timm's
+  VisionTransformer and for ours (``sdpa``, and ``separate`` eager, which still trains);
+- training component: ``components.train`` end to end (data loader, augmentation, logging,
+  validation, checkpoints) on a real archive, timed after its first epoch.
+
+MFU = forward FLOPs x 3 (forward + backward) x images/s / the card's dense bf16 peak.
+
+    python benchmarks/train_throughput.py --data ../shared/data/fashion-mnist-headgear-layout.zip
+    python benchmarks/train_throughput.py --small      # the CPU setting CI runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from components.train import train  # noqa: E402
+from model import MODEL_PRESETS, ViT  # noqa: E402
+
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+TIMM_NAMES = {"vit-ti16": "vit_tiny_patch16_224", "vit-s16": "vit_small_patch16_224"}
+
+
+def forward_flops(config: dict, image_size: int) -> float:
+    """Multiply-adds x 2 of one image's forward pass: patch embedding, per block the Q/K/V,
+    attention scores, attention-weighted values, output projection and MLP, and the head."""
+    d, p, heads, head_dim = config["embed_dim"], config["patch_size"], config["n_heads"], config["qkv_dim"]
+    patches = (image_size // p) ** 2
+    tokens, inner = patches + 1, heads * head_dim
+    block = (3 * tokens * d * inner + 2 * tokens * tokens * inner + tokens * inner * d
+             + 2 * tokens * d * config["mlp_hidden_size"])  # fmt: skip
+    return 2.0 * (patches * 3 * p * p * d + config["n_layers"] * block + d * config.get("n_classes", 1000))
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def build(impl: str, preset: str, image_size: int, n_classes: int) -> torch.nn.Module:
+    config = MODEL_PRESETS[preset]
+    if impl == "timm":
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(
+            img_size=image_size,
+            patch_size=config["patch_size"],
+            embed_dim=config["embed_dim"],
+            depth=config["n_layers"],
+            num_heads=config["n_heads"],
+            mlp_ratio=config["mlp_hidden_size"] / config["embed_dim"],
+            num_classes=n_classes,
+        )
+    return ViT(image_size=image_size, n_classes=n_classes, attention=impl, **config)
+
+
+def model_step_throughput(impl: str, preset: str, compiled: bool, batch_size: int, image_size: int, steps: int,
+                          warmup: int, device: torch.device) -> float:  # fmt: skip
+    """Images/s of the training step alone, on one fixed batch."""
+    torch.manual_seed(0)
+    model = build(impl, preset, image_size, n_classes=1000).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    forward = torch.compile(model) if compiled else model
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    labels = torch.randint(0, 1000, (batch_size,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            logits = forward(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def component_throughput(data: str, preset: str, image_size: int, batch_size: int, epochs: int, compiled: bool,
+                         device: torch.device, output: Path) -> float:  # fmt: skip
+    """Images/s of ``components.train`` after its first epoch."""
+    result = train(data, "vit-ti16-224", output, device=device.type, model=preset, image_size=image_size,
+                   batch_size=batch_size, epochs=epochs, compile="on" if compiled else "off",
+                   checkpoint_minutes=1.0)  # fmt: skip
+    return result["images_per_second"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="archive for the training-component rows (none: skip them)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--models", default="vit-ti16,vit-s16", help="model presets (default: vit-ti16,vit-s16)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per model-step row (default: 30)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
+    parser.add_argument("--component-epochs", type=int, default=8, help="epochs of the component rows (default: 8)")
+    parser.add_argument(
+        "--component-models", default="vit-ti16", help="models of the component rows (default: vit-ti16)"
+    )
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--small", action="store_true", help="CPU setting: tiny model, 32x32, batch 8, 3 steps")
+    parser.add_argument("--output-json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.small:
+        args.models, args.batch_size, args.image_size, args.steps, args.warmup = "vit-tiny-test", 8, 32, 3, 1
+        args.component_epochs, args.component_models, args.no_compile = 2, "vit-tiny-test", True
+    peak = peak_flops(device)
+    compile_modes = [False] if args.no_compile else [False, True]
+    rows = []
+
+    def add(scope: str, impl: str, preset: str, compiled: bool, images_per_second: float) -> None:
+        flops = 3 * forward_flops(MODEL_PRESETS[preset], args.image_size) * images_per_second
+        rows.append({"scope": scope, "impl": impl, "model": preset, "compiled": compiled,
+                     "images_per_second": images_per_second, "tflops": flops / 1e12,
+                     "mfu": flops / peak if peak else None})  # fmt: skip
+        row = rows[-1]
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+        print(f"{scope:<18} {impl:<9} {preset:<13} {'compiled' if compiled else 'eager':<9} "
+              f"{images_per_second:10.1f} img/s {row['tflops']:8.2f} TFLOP/s  MFU {mfu}", flush=True)  # fmt: skip
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+          f"bf16 autocast {device.type == 'cuda'}")  # fmt: skip
+    for preset in args.models.split(","):
+        for compiled in compile_modes:
+            impls = ["timm", "sdpa"] + ([] if compiled else ["separate"])
+            if preset not in TIMM_NAMES and not args.small:
+                impls.remove("timm")
+            for impl in impls:
+                speed = model_step_throughput(impl, preset, compiled, args.batch_size, args.image_size, args.steps,
+                                              args.warmup, device)  # fmt: skip
+                add("model step", impl, preset, compiled, speed)
+        if args.data and preset in args.component_models.split(","):
+            for compiled in compile_modes:
+                with tempfile.TemporaryDirectory() as scratch:
+                    speed = component_throughput(args.data, preset, args.image_size, args.batch_size,
+                                                 args.component_epochs, compiled, device, Path(scratch))  # fmt: skip
+                add("training component", "sdpa", preset, compiled, speed)
+    if args.output_json:
+        args.output_json.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
