@@ -36,14 +36,14 @@ elif [ "$part" = recipe ]; then
   preset=vit-ti16-224; extra=()
   if [ -n "${SMALL:-}" ]; then preset=smoke; extra=(--epochs 2); fi
   start=$(date +%s)
-  timeout 300 python3 -m components.train --data "$DATA" --preset $preset --output $run "${extra[@]}" 2>&1 \
+  timeout 240 python3 -m components.train --data "$DATA" --preset $preset --output $run "${extra[@]}" 2>&1 \
     | grep -v "ClearML" | tee "$OUT/train.log"
   echo "training wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/train.log"
   cp $run/train.json "$OUT/"
   python3 -m components.evaluate --checkpoint $run/checkpoints/best.pt --data "$DATA" --output-json $run/eval/evaluate.json \
     2>&1 | grep -v ClearML | tee "$OUT/evaluate.log"
   size=384; [ -n "${SMALL:-}" ] && size=56
-  timeout 90 python3 -m components.highres --checkpoint $run/checkpoints/best.pt --data "$DATA" --image-size $size \
+  timeout 60 python3 -m components.highres --checkpoint $run/checkpoints/best.pt --data "$DATA" --image-size $size \
     --reference-json $run/eval/evaluate.json --output-json $run/eval/highres.json 2>&1 | grep -v ClearML \
     | tee "$OUT/highres.log"
   cp $run/eval/evaluate.json $run/eval/highres.json $run/eval/highres.pos_embed.png "$OUT/"  # 8 files come back

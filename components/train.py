@@ -35,6 +35,10 @@ from components.presets import TrainConfig, add_override_flags, overrides_from, 
 from components.tracking import open_task
 from model import ViT, model_config
 
+# Before any augmentation runs: an OpenCV thread pool started here would deadlock the loader
+# processes forked from this one (and they are faster single-threaded anyway).
+cv2.setNumThreads(1)
+
 
 class AugmentedImages(Dataset):
     """Decoded uint8 images (N, S, S, 3) -> augmented uint8 (S, S, 3) and the label.
@@ -158,7 +162,6 @@ def build_optimizer(model: ViT, config: TrainConfig, device: torch.device) -> to
 
 def _single_threaded_worker(_worker_id: int) -> None:
     """Many loader processes each with a full thread pool would fight over the cores."""
-    cv2.setNumThreads(1)
     torch.set_num_threads(1)
 
 

@@ -1,0 +1,52 @@
+"""benchmarks/train_throughput.py: its CPU setting runs every row it promises (timings are
+printed, never asserted), and its FLOP count agrees with an independent one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from components.tracking import child_environment
+from model import MODEL_PRESETS
+from tests.conftest import REPO
+
+
+def test_the_small_setting_prints_every_row(tmp_path):
+    from tests.conftest import FASHION_ZIP, make_layout
+
+    data = FASHION_ZIP if FASHION_ZIP.is_file() else make_layout(tmp_path / "data", per_split=(16, 4, 4))
+    command = [sys.executable, "benchmarks/train_throughput.py", "--small", "--data", str(data),
+               "--output-json", str(tmp_path / "rows.json")]  # fmt: skip
+    run = subprocess.run(command, cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [(r["scope"], r["impl"], r["compiled"]) for r in rows] == [
+        ("model step", "timm", False), ("model step", "sdpa", False), ("model step", "separate", False),
+        ("training component", "sdpa", False),
+    ]  # fmt: skip
+    assert all(r["images_per_second"] > 0 and r["mfu"] is None for r in rows)  # no GPU peak on a CPU
+    assert "img/s" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "preset, timm_name", [("vit-ti16", "vit_tiny_patch16_224"), ("vit-s16", "vit_small_patch16_224")]
+)
+def test_forward_flops_agree_with_torchs_flop_counter(preset, timm_name):
+    import timm
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from train_throughput import forward_flops
+
+    model = timm.create_model(timm_name, pretrained=False, num_classes=1000).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = False  # explicit matmuls, which the counter sees on a CPU
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    assert forward_flops({**MODEL_PRESETS[preset], "n_classes": 1000}, 224) == pytest.approx(
+        counter.get_total_flops(), rel=0.01
+    )
