@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from components.atomic import write_json
-from components.data import DataError, DataVersion, prepare
+from components.data import DataError, DataVersion, resolve
 from components.plots import class_counts_figure
 from components.tracking import open_task
 
@@ -83,8 +83,8 @@ def fetch_data(source: str, output: Path, strict: bool = False) -> dict:
     with open_task("fetch_data", "data_processing", output) as tracker:
         params = tracker.connect({"source": source, "strict": strict})
         with tempfile.TemporaryDirectory(prefix="kaggle-") as download:
-            local = download_from_kaggle(Path(download)) if params["source"] == "kaggle" else Path(params["source"])
-            data = prepare(local, output, strict=params["strict"])
+            local = str(download_from_kaggle(Path(download))) if params["source"] == "kaggle" else params["source"]
+            data = resolve(local, output, strict=params["strict"])
         manifest = data.manifest
         for bad in manifest["skipped"]:
             print(f"skipped {bad['path']}: {bad['reason']}")
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--source",
         default="kaggle",
-        help="'kaggle' (needs Kaggle credentials), or a local .zip or folder in the headgear layout (default: kaggle)",
+        help="'kaggle' (needs Kaggle credentials), a local .zip or folder in the headgear layout, or (with a "
+        "ClearML server) a ClearML Dataset id (default: kaggle)",
     )
     parser.add_argument("--output", type=Path, required=True, help="folder for the data version and fetch_data.json")
     parser.add_argument("--strict", action="store_true", help="fail on the first bad image instead of skipping it")

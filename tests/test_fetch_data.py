@@ -90,3 +90,41 @@ def test_a_local_folder_source_and_a_bad_one(layout, tmp_path):
     assert result["classes"] == ["BASEBALL CAP", "BERET", "ZUCCHETTO"]
     with pytest.raises(DataError, match="not a file or folder|neither a zip"):
         fetch_data(str(tmp_path / "missing.zip"), tmp_path / "out2")
+
+
+def test_with_a_server_each_content_hash_is_registered_once(layout, tmp_path, monkeypatch):
+    # No ClearML server can run here: its Dataset API is replaced by an in-memory registry.
+    from clearml import Dataset
+
+    from components.data import prepare
+    from components.fetch_data import DATASET_PROJECT, register_dataset
+    from tests.conftest import make_layout
+
+    registry = []
+
+    class ServerDataset:
+        def __init__(self, project, tags):
+            self.id, self.project, self.tags, self.files = f"dataset-{len(registry)}", project, tags, []
+
+        def add_files(self, path):
+            self.files.append(path)
+
+        def upload(self, show_progress=True):
+            pass
+
+        def finalize(self):
+            registry.append(self)
+
+    def create(dataset_name, dataset_project, dataset_tags):
+        return ServerDataset(dataset_project, dataset_tags)
+
+    def list_datasets(dataset_project, tags, only_completed):
+        return [{"id": d.id} for d in registry if d.project == dataset_project and d.tags == tags]
+
+    monkeypatch.setattr(Dataset, "create", staticmethod(create))
+    monkeypatch.setattr(Dataset, "list_datasets", staticmethod(list_datasets))
+    data = prepare(layout, tmp_path / "store")
+    assert register_dataset(data) == register_dataset(data) == "dataset-0"
+    assert len(registry) == 1 and registry[0].files == [str(data.root)] and registry[0].project == DATASET_PROJECT
+    other = prepare(make_layout(tmp_path / "other", per_split=(4, 2, 2)), tmp_path / "store")
+    assert register_dataset(other) == "dataset-1"

@@ -4,6 +4,7 @@ can run here), and a failing step."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,33 @@ def test_a_step_queue_for_an_unknown_step_is_refused():
 def test_the_highres_size_keeps_the_papers_ratio():
     assert default_highres_size("vit-ti16-224") == 384
     assert default_highres_size("smoke") == 56  # 32 * 384 / 224, in whole patches of 8
+
+
+def test_ctrl_c_stops_the_run_and_leaves_nothing_half_written(tmp_path):
+    import signal
+    import time
+
+    data = make_layout(tmp_path / "data", per_split=(64, 4, 4))
+    command = [sys.executable, "pipelines/run_pipeline.py", "--local", "--data", str(data), "--preset", "smoke",
+               "--output", str(tmp_path / "run"), "--epochs", "400", "--benchmark", "quick"]  # fmt: skip
+    run = subprocess.Popen(command, cwd=REPO, env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)  # fmt: skip
+    checkpoint = tmp_path / "run" / "train" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "run" / "steps" / "train.log").is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(8)  # well into training
+    os.killpg(run.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130
+    assert "interrupted: the steps that finished are kept" in stderr
+    assert (tmp_path / "run" / "fetch_data" / "fetch_data.json").is_file()
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert not list((tmp_path / "run").rglob("*.tmp"))  # nothing half-written
+    assert not checkpoint.exists() or checkpoints_load_ok(checkpoint)
+
+
+def checkpoints_load_ok(path: Path) -> bool:
+    from components import checkpoints
+
+    return "model" in checkpoints.load(path)
