@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,12 +149,29 @@ def open_task(component: str, task_type: str, output_dir: Path, title: str = "")
         output_uri=None if offline else True,
     )
     tracker = Tracker(task, offline, output_dir)
+    previous = _exit_on_sigterm()
     try:
         yield tracker
     finally:
         task.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if offline:
             tracker.session = str(_keep_offline_session(task.id, output_dir, component))
+
+
+def _exit_on_sigterm():
+    """A SIGTERM (``kill``, ``timeout``, an agent aborting the task) unwinds like Ctrl-C, so the
+    task is closed and the files being written are finished or removed. ClearML's own handler
+    would close the task from inside the signal handler while training went on, and hang.
+    Returns the handler it replaced (None outside the main thread, where none can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, terminate)
 
 
 def _keep_offline_session(task_id: str, output_dir: Path, component: str) -> Path:

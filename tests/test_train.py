@@ -109,3 +109,34 @@ def test_augmentation_is_a_function_of_seed_epoch_and_image():
     assert np.array_equal(augmented[(3, 1)][0], first)  # the same (epoch, image): the same pixels
     assert np.array_equal(AugmentedImages(images, np.arange(4), config)[(3, 1)][0], first)  # in any process
     assert not np.array_equal(augmented[(4, 1)][0], first)  # another epoch: another view
+
+
+def test_a_terminated_run_stops_promptly_and_resumes_from_its_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from components.tracking import child_environment
+    from tests.conftest import REPO
+
+    data = str(make_layout(tmp_path / "data", per_split=(64, 4, 4)))
+    command = [sys.executable, "-m", "components.train", "--data", data, "--preset", "smoke", "--output",
+               str(tmp_path / "run"), "--epochs", "60", "--batch-size", "16", "--checkpoint-minutes", "0"]  # fmt: skip
+    run = subprocess.Popen(command, cwd=REPO, env=child_environment(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)  # what kill, timeout and an agent's abort send
+    stopped = time.monotonic()
+    run.communicate(timeout=60)
+    assert run.returncode == 128 + signal.SIGTERM
+    assert time.monotonic() - stopped < 20
+    assert (tmp_path / "run" / "train.clearml-offline.zip").is_file()  # the session was closed and kept
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+    epoch = checkpoints.load(last)["epoch"]
+
+    resumed = train(data, "smoke", tmp_path / "run", resume=True, epochs=60, batch_size=16, checkpoint_minutes=0.0)
+    assert len(resumed["train_loss"]) == 60 and epoch < 59
