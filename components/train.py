@@ -172,9 +172,10 @@ def _workers(config: TrainConfig, device: torch.device) -> int:
 
 
 def train(data: str, preset_name: str, output: Path, resume: bool = False, device: str = "auto", **overrides) -> dict:
-    """Trains and returns ``{"checkpoint", "last_checkpoint", "image_size", "train_loss",
-    "val_accuracy", "val_loss", "classes", "data_version", "clearml"}``; also written to
-    ``output/train.json``."""
+    """Trains and returns ``{"checkpoint" (best.pt), "last_checkpoint", "image_size",
+    "train_loss", "val_accuracy", "val_loss" (per epoch), "images_per_second" (after the first
+    epoch), "classes", "data_version", "model_id" (with a server), "plots", "clearml"}``; also
+    written to ``output/train.json``."""
     output = Path(output)
     config = preset(preset_name, **overrides)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
@@ -218,7 +219,6 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             batch_sampler=sampler,
             num_workers=workers,
             pin_memory=device.type == "cuda",
-            persistent_workers=False,
             prefetch_factor=4 if workers else None,
             worker_init_fn=_single_threaded_worker,
         )
