@@ -69,7 +69,7 @@ PRESETS: dict[str, TrainConfig] = {
     "smoke": TrainConfig(
         model="vit-tiny-test",
         image_size=32,
-        epochs=3,
+        epochs=10,
         batch_size=64,
         lr=2e-3,
         warmup_epochs=0.5,
