@@ -7,6 +7,7 @@ the same functions, one child process per step:
     python -m pipelines.steps STEP KWARGS.json RESULT.json
 
 A step returns a tuple in the order of its ``returns`` in ``pipelines/run_pipeline.py``.
+Numbers are cast on the way in: pipeline parameters reach an agent's step as strings.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def train_step(data: str, preset: str, epochs: int, seed: int, output: str):
     sys.path.insert(0, os.getcwd())
     from components.train import train
 
-    overrides = {"epochs": epochs} if epochs > 0 else {}  # 0: the preset's
-    result = train(data, preset, Path(output) / "train", seed=seed, **overrides)
+    overrides = {"epochs": int(epochs)} if int(epochs) > 0 else {}  # 0: the preset's
+    result = train(data, preset, Path(output) / "train", seed=int(seed), **overrides)
     return result["model_id"] or result["checkpoint"], result
 
 
@@ -56,7 +57,8 @@ def highres_step(checkpoint: str, data: str, image_size: int, finetune_steps: in
     sys.path.insert(0, os.getcwd())
     from components.highres import highres
 
-    return (highres(checkpoint, data, Path(output) / "highres" / "highres.json", image_size, finetune_steps),)
+    output_json = Path(output) / "highres" / "highres.json"
+    return (highres(checkpoint, data, output_json, int(image_size), int(finetune_steps)),)
 
 
 def benchmark_step(mode: str, output: str):

@@ -195,3 +195,15 @@ def checkpoints_load_ok(path: Path) -> bool:
     from components import checkpoints
 
     return "model" in checkpoints.load(path)
+
+
+def test_steps_take_parameters_as_an_agent_passes_them(tmp_path):
+    # On an agent, pipeline parameters reach the step functions as strings.
+    from pipelines import steps
+
+    data = make_layout(tmp_path / "data", per_split=(8, 2, 2))
+    fetched_data, fetched = steps.fetch_data_step(str(data), str(tmp_path / "run"))
+    checkpoint, trained = steps.train_step(fetched_data, "smoke", "1", "3", str(tmp_path / "run"))
+    assert len(trained["train_loss"]) == 1 and Path(checkpoint).is_file()
+    (result,) = steps.highres_step(checkpoint, fetched_data, "48", "2", str(tmp_path / "run"))
+    assert result["image_size"] == 48 and len(result["finetune_losses"]) == 2
