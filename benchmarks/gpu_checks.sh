@@ -2,11 +2,12 @@
 # The GPU measurements behind benchmarks/RESULTS.md, as run on a lent H100 with no network:
 #   bash benchmarks/gpu_checks.sh speed   # attention sweep + training throughput
 #   bash benchmarks/gpu_checks.sh recipe  # vit-ti16-224 from scratch, evaluate, highres at 384
+#   bash benchmarks/gpu_checks.sh ablate "--rand-augment 0" "--epochs 200" ...  # one run per override set
 # DATA is the Fashion-MNIST stand-in archive; OUT receives the logs and JSON results.
 # SMALL=1 runs the same commands with tiny settings (a dry run on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?speed or recipe}
+part=${1:?speed, recipe or ablate}
 DATA=${DATA:-.device-data/fashion.zip}
 OUT=${OUT:-runs/gpu-checks}
 mkdir -p "$OUT"
@@ -47,4 +48,26 @@ elif [ "$part" = recipe ]; then
     --reference-json $run/eval/evaluate.json --output-json $run/eval/highres.json 2>&1 | grep -v ClearML \
     | tee "$OUT/highres.log"
   cp $run/eval/evaluate.json $run/eval/highres.json $run/eval/highres.pos_embed.png "$OUT/"  # 8 files come back
+elif [ "$part" = ablate ]; then
+  # Each argument is one set of overrides of the preset; one line each in ablations.tsv.
+  shift
+  preset=vit-ti16-224; [ -n "${SMALL:-}" ] && preset=smoke
+  printf 'preset\toverrides\tepochs\ttest_accuracy\tseconds\n' > "$OUT/ablations.tsv"
+  for overrides in "$@"; do
+    run=/tmp/ablate; rm -rf $run
+    start=$(date +%s)
+    # shellcheck disable=SC2086  # the overrides are meant to split into flags
+    python3 -m components.train --data "$DATA" --preset $preset --output $run $overrides 2>&1 | grep -v ClearML \
+      | tail -3 | tee -a "$OUT/ablate.log"
+    seconds=$(( $(date +%s) - start ))
+    python3 -m components.evaluate --checkpoint $run/checkpoints/best.pt --data "$DATA" \
+      --output-json $run/evaluate.json > /dev/null 2>&1
+    python3 - "$preset" "$overrides" "$seconds" >> "$OUT/ablations.tsv" <<'EOF'
+import json, sys
+preset, overrides, seconds = sys.argv[1:]
+trained, evaluated = (json.load(open(f"/tmp/ablate/{name}.json")) for name in ("train", "evaluate"))
+print(f"{preset}\t{overrides}\t{len(trained['train_loss'])}\t{evaluated['test_accuracy']:.4f}\t{seconds}")
+EOF
+  done
+  cat "$OUT/ablations.tsv"
 fi
