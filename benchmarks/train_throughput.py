@@ -28,8 +28,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from components.devices import pick_device  # noqa: E402
 from components.train import train  # noqa: E402
 from model import MODEL_PRESETS, ViT  # noqa: E402
+from model.timm_convert import timm_vit  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 TIMM_NAMES = {"vit-ti16": "vit_tiny_patch16_224", "vit-s16": "vit_small_patch16_224"}
@@ -56,17 +58,7 @@ def peak_flops(device: torch.device) -> float | None:
 def build(impl: str, preset: str, image_size: int, n_classes: int) -> torch.nn.Module:
     config = MODEL_PRESETS[preset]
     if impl == "timm":
-        from timm.models.vision_transformer import VisionTransformer
-
-        return VisionTransformer(
-            img_size=image_size,
-            patch_size=config["patch_size"],
-            embed_dim=config["embed_dim"],
-            depth=config["n_layers"],
-            num_heads=config["n_heads"],
-            mlp_ratio=config["mlp_hidden_size"] / config["embed_dim"],
-            num_classes=n_classes,
-        )
+        return timm_vit(config, image_size, n_classes)
     return ViT(image_size=image_size, n_classes=n_classes, attention=impl, **config)
 
 
@@ -127,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small", action="store_true", help="CPU setting: tiny model, 32x32, batch 8, 3 steps")
     parser.add_argument("--output-json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     if args.small:
         args.models, args.batch_size, args.image_size, args.steps, args.warmup = "vit-tiny-test", 8, 32, 3, 1
         args.component_epochs, args.component_models, args.no_compile = 2, "vit-tiny-test", True

@@ -25,9 +25,11 @@ import torch
 from torch.utils import benchmark as torch_benchmark
 
 from components.atomic import atomic_path, write_json
+from components.devices import pick_device
 from components.plots import grouped_bars_figure
 from components.tracking import open_task
 from model import ATTENTION_IMPLEMENTATIONS, MODEL_PRESETS, MultiHeadSelfAttention, ViT
+from model.timm_convert import state_dict_to_timm, timm_vit
 
 PATCH_SIZE = 16
 IMAGE_SIZES = (224, 384)
@@ -80,34 +82,9 @@ def build_modules(scope: str, width: str, image_size: int, device: torch.device)
         torch.nn.init.normal_(reference.head.weight, std=0.02)  # the paper's zero head would make outputs agree
         modules = {impl: reference.to_attention(impl) for impl in ATTENTION_IMPLEMENTATIONS}
         if _timm_available() and dim == heads * head_dim:
-            from timm.models.vision_transformer import VisionTransformer
-
-            modules["timm"] = VisionTransformer(
-                img_size=image_size,
-                patch_size=PATCH_SIZE,
-                embed_dim=dim,
-                depth=config["n_layers"],
-                num_heads=heads,
-                mlp_ratio=config["mlp_hidden_size"] / dim,
-                num_classes=1000,
-            )
-            modules["timm"].load_state_dict(_to_timm_names(reference.state_dict()))
+            modules["timm"] = timm_vit(config, image_size, n_classes=1000)
+            modules["timm"].load_state_dict(state_dict_to_timm(reference.state_dict()))
     return {impl: module.to(device).eval() for impl, module in modules.items()}
-
-
-def _to_timm_names(state: dict) -> dict:
-    renames = {
-        "projector.patch_embedder.proj.": "patch_embed.proj.",
-        "projector.class_token": "cls_token",
-        "projector.pos_embed": "pos_embed",
-    }
-    renamed = {}
-    for name, tensor in state.items():
-        for ours, theirs in renames.items():
-            if name.startswith(ours):
-                name = theirs + name[len(ours) :]
-        renamed[name] = tensor
-    return renamed
 
 
 def check_agreement(modules: dict, inputs: torch.Tensor, dtype: torch.dtype) -> None:
@@ -210,7 +187,7 @@ def benchmark_attention(output_json: Path, device: str = "auto", quick: bool = F
     """Runs the sweep and returns ``{"rows": [...], "device_name", "torch", "clearml"}``; also
     written to ``output_json`` and, as CSV, beside it."""
     output_json = Path(output_json)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    device = pick_device(device)
     with open_task(output_json.stem, "qc", output_json.parent, title="benchmark attention") as tracker:
         params = tracker.connect({"device": device.type, "quick": quick})
         sweep = sweep_for(device, params["quick"])

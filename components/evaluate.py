@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from components import checkpoints
 from components.atomic import write_json
 from components.data import DataError, decode_split, resolve, to_input
+from components.devices import pick_device
 from components.plots import confusion_figure, image_grid_figure
 from components.tracking import open_task
 
@@ -64,7 +65,7 @@ def evaluate(
     """Evaluates and returns ``{"test_accuracy", "test_top5_accuracy", "test_loss",
     "image_size", "num_images", "per_class", "clearml"}``; also written to ``output_json``."""
     output_json = Path(output_json)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    device = pick_device(device)
     with open_task(output_json.stem, "testing", output_json.parent, title="evaluate") as tracker:
         params = tracker.connect(
             {"checkpoint": str(checkpoint), "data": data, "image_size": image_size or 0, "split": split}

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from components import checkpoints
 from components.atomic import write_json
 from components.data import DataError, decode_split, resolve, to_input
+from components.devices import pick_device
 from components.evaluate import accuracy, predict
 from components.plots import grouped_bars_figure, similarity_figure
 from components.presets import TrainConfig
@@ -91,7 +92,7 @@ def highres(
     "test_accuracy_bicubic", "test_accuracy_finetuned", "checkpoint", ...}``; also written to
     ``output_json``."""
     output_json = Path(output_json)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    device = pick_device(device)
     with open_task(output_json.stem, "testing", output_json.parent, title=f"highres {image_size}") as tracker:
         params = tracker.connect(
             {

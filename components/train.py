@@ -29,6 +29,7 @@ from tqdm import tqdm
 from components import checkpoints
 from components.atomic import write_json
 from components.data import DataError, decode_split, resolve, to_input
+from components.devices import pick_device
 from components.evaluate import accuracy, predict
 from components.plots import curves_figure, image_grid_figure
 from components.presets import TrainConfig, add_override_flags, overrides_from, preset
@@ -178,7 +179,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
     written to ``output/train.json``."""
     output = Path(output)
     config = preset(preset_name, **overrides)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    device = pick_device(device)
     last_path, best_path = output / "checkpoints" / "last.pt", output / "checkpoints" / "best.pt"
     state = checkpoints.load(last_path) if resume and last_path.is_file() else None
     if resume and state is None:

@@ -35,17 +35,45 @@ def config_from_timm(timm_model: nn.Module) -> dict:
     )
 
 
-def state_dict_from_timm(timm_model: nn.Module) -> dict[str, torch.Tensor]:
-    """timm's parameter names -> ours; the qkv layout is the same."""
-    renames = {
-        "patch_embed.proj.": "projector.patch_embedder.proj.",
-        "cls_token": "projector.class_token",
-        "pos_embed": "projector.pos_embed",
-    }
-    state = {}
-    for name, tensor in timm_model.state_dict().items():
+TIMM_TO_OURS = {
+    "patch_embed.proj.": "projector.patch_embedder.proj.",
+    "cls_token": "projector.class_token",
+    "pos_embed": "projector.pos_embed",
+}  # everything else (blocks.N.attn.qkv, ..., norm, head) has the same name and layout
+
+
+def _rename(state: dict[str, torch.Tensor], renames: dict[str, str]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for name, tensor in state.items():
         for old, new in renames.items():
             if name.startswith(old):
                 name = new + name[len(old) :]
-        state[name] = tensor
-    return state
+        renamed[name] = tensor
+    return renamed
+
+
+def state_dict_from_timm(timm_model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's parameter names -> ours."""
+    return _rename(timm_model.state_dict(), TIMM_TO_OURS)
+
+
+def state_dict_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our parameter names -> timm's."""
+    return _rename(state, {ours: theirs for theirs, ours in TIMM_TO_OURS.items()})
+
+
+def timm_vit(config: dict, image_size: int, n_classes: int) -> nn.Module:
+    """A timm ``VisionTransformer`` of the architecture our ``config`` describes (needs timm)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if config["embed_dim"] != config["n_heads"] * config["qkv_dim"]:
+        raise ValueError("timm's ViT needs embed_dim == n_heads * qkv_dim")
+    return VisionTransformer(
+        img_size=image_size,
+        patch_size=config["patch_size"],
+        embed_dim=config["embed_dim"],
+        depth=config["n_layers"],
+        num_heads=config["n_heads"],
+        mlp_ratio=config["mlp_hidden_size"] / config["embed_dim"],
+        num_classes=n_classes,
+    )
