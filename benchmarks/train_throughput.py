@@ -43,8 +43,12 @@ def forward_flops(config: dict, image_size: int) -> float:
     d, p, heads, head_dim = config["embed_dim"], config["patch_size"], config["n_heads"], config["qkv_dim"]
     patches = (image_size // p) ** 2
     tokens, inner = patches + 1, heads * head_dim
-    block = (3 * tokens * d * inner + 2 * tokens * tokens * inner + tokens * inner * d
-             + 2 * tokens * d * config["mlp_hidden_size"])  # fmt: skip
+    block = (
+        3 * tokens * d * inner
+        + 2 * tokens * tokens * inner
+        + tokens * inner * d
+        + 2 * tokens * d * config["mlp_hidden_size"]
+    )
     return 2.0 * (patches * 3 * p * p * d + config["n_layers"] * block + d * config.get("n_classes", 1000))
 
 
@@ -62,8 +66,16 @@ def build(impl: str, preset: str, image_size: int, n_classes: int) -> torch.nn.M
     return ViT(image_size=image_size, n_classes=n_classes, attention=impl, **config)
 
 
-def model_step_throughput(impl: str, preset: str, compiled: bool, batch_size: int, image_size: int, steps: int,
-                          warmup: int, device: torch.device) -> float:  # fmt: skip
+def model_step_throughput(
+    impl: str,
+    preset: str,
+    compiled: bool,
+    batch_size: int,
+    image_size: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+) -> float:
     """Images/s of the training step alone, on one fixed batch."""
     torch.manual_seed(0)
     model = build(impl, preset, image_size, n_classes=1000).to(device).train()
@@ -93,12 +105,29 @@ def model_step_throughput(impl: str, preset: str, compiled: bool, batch_size: in
     return steps * batch_size / (time.perf_counter() - started)
 
 
-def component_throughput(data: str, preset: str, image_size: int, batch_size: int, epochs: int, compiled: bool,
-                         device: torch.device, output: Path) -> float:  # fmt: skip
+def component_throughput(
+    data: str,
+    preset: str,
+    image_size: int,
+    batch_size: int,
+    epochs: int,
+    compiled: bool,
+    device: torch.device,
+    output: Path,
+) -> float:
     """Images/s of ``components.train`` after its first epoch."""
-    result = train(data, "vit-ti16-224", output, device=device.type, model=preset, image_size=image_size,
-                   batch_size=batch_size, epochs=epochs, compile="on" if compiled else "off",
-                   checkpoint_minutes=1.0)  # fmt: skip
+    result = train(
+        data,
+        "vit-ti16-224",
+        output,
+        device=device.type,
+        model=preset,
+        image_size=image_size,
+        batch_size=batch_size,
+        epochs=epochs,
+        compile="on" if compiled else "off",
+        checkpoint_minutes=1.0,
+    )
     return result["images_per_second"]
 
 
@@ -129,31 +158,53 @@ def main(argv: list[str] | None = None) -> None:
 
     def add(scope: str, impl: str, preset: str, compiled: bool, images_per_second: float) -> None:
         flops = 3 * forward_flops(MODEL_PRESETS[preset], args.image_size) * images_per_second
-        rows.append({"scope": scope, "impl": impl, "model": preset, "compiled": compiled,
-                     "images_per_second": images_per_second, "tflops": flops / 1e12,
-                     "mfu": flops / peak if peak else None})  # fmt: skip
+        rows.append(
+            {
+                "scope": scope,
+                "impl": impl,
+                "model": preset,
+                "compiled": compiled,
+                "images_per_second": images_per_second,
+                "tflops": flops / 1e12,
+                "mfu": flops / peak if peak else None,
+            }
+        )
         row = rows[-1]
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
-        print(f"{scope:<18} {impl:<9} {preset:<13} {'compiled' if compiled else 'eager':<9} "
-              f"{images_per_second:10.1f} img/s {row['tflops']:8.2f} TFLOP/s  MFU {mfu}", flush=True)  # fmt: skip
+        print(
+            f"{scope:<18} {impl:<9} {preset:<13} {'compiled' if compiled else 'eager':<9} "
+            f"{images_per_second:10.1f} img/s {row['tflops']:8.2f} TFLOP/s  MFU {mfu}",
+            flush=True,
+        )
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
-          f"bf16 autocast {device.type == 'cuda'}")  # fmt: skip
+    print(
+        f"device {name}, torch {torch.__version__}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+        f"bf16 autocast {device.type == 'cuda'}"
+    )
     for preset in args.models.split(","):
         for compiled in compile_modes:
             impls = ["timm", "sdpa"] + ([] if compiled else ["separate"])
             if preset not in TIMM_NAMES and not args.small:
                 impls.remove("timm")
             for impl in impls:
-                speed = model_step_throughput(impl, preset, compiled, args.batch_size, args.image_size, args.steps,
-                                              args.warmup, device)  # fmt: skip
+                speed = model_step_throughput(
+                    impl, preset, compiled, args.batch_size, args.image_size, args.steps, args.warmup, device
+                )
                 add("model step", impl, preset, compiled, speed)
         if args.data and preset in args.component_models.split(","):
             for compiled in compile_modes:
                 with tempfile.TemporaryDirectory() as scratch:
-                    speed = component_throughput(args.data, preset, args.image_size, args.batch_size,
-                                                 args.component_epochs, compiled, device, Path(scratch))  # fmt: skip
+                    speed = component_throughput(
+                        args.data,
+                        preset,
+                        args.image_size,
+                        args.batch_size,
+                        args.component_epochs,
+                        compiled,
+                        device,
+                        Path(scratch),
+                    )
                 add("training component", "sdpa", preset, compiled, speed)
     if args.output_json:
         args.output_json.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=2))

@@ -3,7 +3,7 @@ command line (``--field-name VALUE``) and, with a server, in the web UI of a clo
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
 
 @dataclass(frozen=True)
@@ -133,10 +133,6 @@ def add_override_flags(parser) -> None:
 def overrides_from(args) -> dict:
     values = {field.name: getattr(args, field.name) for field in fields(TrainConfig)}
     return {name: value for name, value in values.items() if value is not None}
-
-
-def as_dict(config: TrainConfig) -> dict:
-    return asdict(config)
 
 
 def _bool(text: str) -> bool:

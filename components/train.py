@@ -297,11 +297,21 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                 last_epoch = epoch + 1 == config.epochs
                 if last_epoch or time.monotonic() - saved_at >= config.checkpoint_minutes * 60:
                     checkpoints.save_atomic({**best, "config": model.config, "classes": classes}, best_path)
-                    checkpoints.save_atomic({
-                        "model": model.state_dict(), "config": model.config, "classes": classes,
-                        "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history, "best": best,
-                        "best_accuracy": best_accuracy, "train_config": asdict(config), "data_version": dataset.version,
-                    }, last_path)  # fmt: skip
+                    checkpoints.save_atomic(
+                        {
+                            "model": model.state_dict(),
+                            "config": model.config,
+                            "classes": classes,
+                            "optimizer": optimizer.state_dict(),
+                            "epoch": epoch,
+                            "history": history,
+                            "best": best,
+                            "best_accuracy": best_accuracy,
+                            "train_config": asdict(config),
+                            "data_version": dataset.version,
+                        },
+                        last_path,
+                    )
                     saved_at = time.monotonic()
                 if epoch == first_epoch:  # throughput is measured after the first epoch (compilation, warm-up)
                     timed_from = time.perf_counter()
@@ -311,8 +321,11 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                 )
         progress.close()
         timed_epochs = config.epochs - first_epoch - 1
-        throughput = timed_epochs * steps_per_epoch * config.batch_size / (time.perf_counter() - timed_from) if (
-            timed_from and timed_epochs > 0) else None  # fmt: skip
+        throughput = (
+            timed_epochs * steps_per_epoch * config.batch_size / (time.perf_counter() - timed_from)
+            if (timed_from and timed_epochs > 0)
+            else None
+        )
 
         figure = curves_figure(
             {

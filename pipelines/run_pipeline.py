@@ -49,32 +49,58 @@ class Step:
 
 OUT = "${pipeline.output}"
 DAG: dict[str, Step] = {
-    "fetch_data": Step(steps.fetch_data_step, {"source": "${pipeline.data}", "output": OUT}, ("data", "result")),
+    "fetch_data": Step(
+        steps.fetch_data_step, {"source": "${pipeline.data}", "output": OUT}, returns=("data", "result")
+    ),
     "train": Step(
         steps.train_step,
-        {"data": "${fetch_data.data}", "preset": "${pipeline.preset}", "epochs": "${pipeline.epochs}",
-         "seed": "${pipeline.seed}", "output": OUT},
-        ("checkpoint", "result"), ("fetch_data",),
+        {
+            "data": "${fetch_data.data}",
+            "preset": "${pipeline.preset}",
+            "epochs": "${pipeline.epochs}",
+            "seed": "${pipeline.seed}",
+            "output": OUT,
+        },
+        returns=("checkpoint", "result"),
+        parents=("fetch_data",),
     ),
     "evaluate": Step(
-        steps.evaluate_step, {"checkpoint": "${train.checkpoint}", "data": "${fetch_data.data}", "output": OUT},
-        ("result",), ("fetch_data", "train"),
+        steps.evaluate_step,
+        {"checkpoint": "${train.checkpoint}", "data": "${fetch_data.data}", "output": OUT},
+        returns=("result",),
+        parents=("fetch_data", "train"),
     ),
     "highres": Step(
         steps.highres_step,
-        {"checkpoint": "${train.checkpoint}", "data": "${fetch_data.data}", "image_size": "${pipeline.highres_size}",
-         "finetune_steps": "${pipeline.finetune_steps}", "output": OUT},
-        ("result",), ("fetch_data", "train"),
+        {
+            "checkpoint": "${train.checkpoint}",
+            "data": "${fetch_data.data}",
+            "image_size": "${pipeline.highres_size}",
+            "finetune_steps": "${pipeline.finetune_steps}",
+            "output": OUT,
+        },
+        returns=("result",),
+        parents=("fetch_data", "train"),
     ),
-    "benchmark_attention": Step(steps.benchmark_step, {"mode": "${pipeline.benchmark}", "output": OUT}, ("result",)),
+    "benchmark_attention": Step(
+        steps.benchmark_step, {"mode": "${pipeline.benchmark}", "output": OUT}, returns=("result",)
+    ),
     "summary": Step(
         steps.summary_step,
-        {"mode": "${pipeline.mode}", "preset": "${pipeline.preset}", "fetched": "${fetch_data.result}",
-         "trained": "${train.result}", "evaluated": "${evaluate.result}", "highres": "${highres.result}",
-         "benchmark": "${benchmark_attention.result}", "output": OUT},
-        ("result",), ("fetch_data", "train", "evaluate", "highres", "benchmark_attention"),
+        {
+            "mode": "${pipeline.mode}",
+            "preset": "${pipeline.preset}",
+            "fetched": "${fetch_data.result}",
+            "trained": "${train.result}",
+            "evaluated": "${evaluate.result}",
+            "highres": "${highres.result}",
+            "benchmark": "${benchmark_attention.result}",
+            "output": OUT,
+        },
+        returns=("result",),
+        parents=("fetch_data", "train", "evaluate", "highres", "benchmark_attention"),
     ),
-}  # fmt: skip
+}
 
 PARAMETER_HELP = {
     "data": "'kaggle', or a zip / folder in the headgear layout, or a ClearML Dataset id",
@@ -180,23 +206,30 @@ def git_source() -> tuple[str, str]:
 
     url, commit = git("remote", "get-url", "origin"), git("rev-parse", "HEAD")
     if not url or not commit:
-        raise ValueError("server mode runs the steps from a git repository the agents can clone: push this "
-                         "checkout to a remote (origin) or pass --repo URL --commit SHA")  # fmt: skip
+        raise ValueError(
+            "server mode runs the steps from a git repository the agents can clone: push this "
+            "checkout to a remote (origin) or pass --repo URL --commit SHA"
+        )
     if git("status", "--porcelain", "--untracked-files=no"):
         print(f"note: uncommitted changes are not run by the agents; they run commit {commit[:10]}")
     return url, commit
 
 
-def build_controller(params: dict, queue: str, docker_image: str, step_queues: dict[str, str], repo: str,
-                     commit: str):  # fmt: skip
+def build_controller(params: dict, queue: str, docker_image: str, step_queues: dict[str, str], repo: str, commit: str):
     """The ``PipelineController`` of the DAG, built but not started."""
     from clearml import PipelineController
 
     unknown = set(step_queues) - set(DAG)
     if unknown:
         raise ValueError(f"--step-queue names unknown steps {sorted(unknown)}; the steps are {', '.join(DAG)}")
-    pipe = PipelineController(name="headgear-vit", project=PROJECT, version="1.0.0", add_pipeline_tags=True,
-                              docker=docker_image, packages=str(REPO / "requirements.txt"))  # fmt: skip
+    pipe = PipelineController(
+        name="headgear-vit",
+        project=PROJECT,
+        version="1.0.0",
+        add_pipeline_tags=True,
+        docker=docker_image,
+        packages=str(REPO / "requirements.txt"),
+    )
     pipe.set_default_execution_queue(queue)
     for name, value in params.items():
         pipe.add_parameter(name, value, PARAMETER_HELP[name])
@@ -281,7 +314,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.step_queue = dict(item.split("=", 1) for item in args.step_queue)
     except ValueError:
         parser.error("--step-queue takes STEP=QUEUE")
-    return args  # fmt: skip
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,8 +75,9 @@ def benchmark_step(mode: str, output: str):
     return (benchmark_attention(Path(output) / "benchmark_attention" / "benchmark.json", quick=quick),)
 
 
-def summary_step(mode: str, preset: str, fetched: dict, trained: dict, evaluated: dict, highres: dict,
-                 benchmark: dict, output: str):  # fmt: skip
+def summary_step(
+    mode: str, preset: str, fetched: dict, trained: dict, evaluated: dict, highres: dict, benchmark: dict, output: str
+):
     import os
     import sys
     from pathlib import Path
@@ -84,8 +85,13 @@ def summary_step(mode: str, preset: str, fetched: dict, trained: dict, evaluated
     sys.path.insert(0, os.getcwd())
     from pipelines.summary import write_summary
 
-    steps = {"fetch_data": fetched, "train": trained, "evaluate": evaluated, "highres": highres,
-             "benchmark_attention": benchmark}  # fmt: skip
+    steps = {
+        "fetch_data": fetched,
+        "train": trained,
+        "evaluate": evaluated,
+        "highres": highres,
+        "benchmark_attention": benchmark,
+    }
     return (write_summary(mode, preset, steps, Path(output)),)
 
 

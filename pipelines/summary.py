@@ -30,7 +30,7 @@ def build_summary(mode: str, preset: str, steps: dict[str, dict]) -> dict:
         "highres": {
             key: highres[key]
             for key in ("image_size", "test_accuracy_bilinear", "test_accuracy_bicubic", "test_accuracy_finetuned")
-        },  # fmt: skip
+        },
         "benchmark": {"rows": steps["benchmark_attention"]["rows"]},
         "clearml": {name: result["clearml"] for name, result in steps.items()},
     }

@@ -17,8 +17,14 @@ from tests.conftest import FASHION_ZIP, REPO, make_layout
 from tests.sessions import read_session, scalars
 
 SUMMARY_KEYS = {
-    "mode", "dataset", "train", "evaluate", "highres", "benchmark", "clearml",
-}  # fmt: skip
+    "mode",
+    "dataset",
+    "train",
+    "evaluate",
+    "highres",
+    "benchmark",
+    "clearml",
+}
 
 
 def run_pipeline(*args: str) -> subprocess.CompletedProcess:
@@ -29,8 +35,9 @@ def run_pipeline(*args: str) -> subprocess.CompletedProcess:
 def test_the_local_run_end_to_end(tmp_path):
     if not FASHION_ZIP.is_file():
         pytest.skip(f"{FASHION_ZIP} is not here")
-    run = run_pipeline("--data", str(FASHION_ZIP), "--preset", "smoke", "--output", str(tmp_path), "--finetune-steps",
-                       "30")  # fmt: skip
+    run = run_pipeline(
+        "--data", str(FASHION_ZIP), "--preset", "smoke", "--output", str(tmp_path), "--finetune-steps", "30"
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) == SUMMARY_KEYS and summary["mode"] == "local"
@@ -83,8 +90,20 @@ def test_the_local_run_end_to_end(tmp_path):
 
 def test_a_failing_step_skips_its_dependents_and_keeps_what_finished(tmp_path):
     data = make_layout(tmp_path / "data", per_split=(16, 4, 4))
-    run = run_pipeline("--data", str(data), "--preset", "smoke", "--output", str(tmp_path / "run"), "--epochs", "1",
-                       "--highres-size", "50", "--benchmark", "quick")  # fmt: skip
+    run = run_pipeline(
+        "--data",
+        str(data),
+        "--preset",
+        "smoke",
+        "--output",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--highres-size",
+        "50",
+        "--benchmark",
+        "quick",
+    )
     assert run.returncode == 1
     status = dict(line.split(maxsplit=1) for line in run.stdout.split("steps:\n")[-1].strip().splitlines())
     assert status["fetch_data"] == status["train"] == status["evaluate"] == "completed"
@@ -172,10 +191,30 @@ def test_ctrl_c_stops_the_run_and_leaves_nothing_half_written(tmp_path):
     import time
 
     data = make_layout(tmp_path / "data", per_split=(64, 4, 4))
-    command = [sys.executable, "pipelines/run_pipeline.py", "--local", "--data", str(data), "--preset", "smoke",
-               "--output", str(tmp_path / "run"), "--epochs", "400", "--benchmark", "quick"]  # fmt: skip
-    run = subprocess.Popen(command, cwd=REPO, env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)  # fmt: skip
+    command = [
+        sys.executable,
+        "pipelines/run_pipeline.py",
+        "--local",
+        "--data",
+        str(data),
+        "--preset",
+        "smoke",
+        "--output",
+        str(tmp_path / "run"),
+        "--epochs",
+        "400",
+        "--benchmark",
+        "quick",
+    ]
+    run = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=child_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     checkpoint = tmp_path / "run" / "train" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 300
     while not (tmp_path / "run" / "steps" / "train.log").is_file() and time.monotonic() < deadline:

@@ -38,8 +38,15 @@ def test_smoke_training_learns_and_leaves_an_offline_session(smoke_run):
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     data = str(make_layout(tmp_path / "data", per_split=(24, 4, 4)))
-    settings = dict(epochs=3, batch_size=16, dropout_rate=0.1, drop_path_rate=0.1, mixup_alpha=0.4, cutmix_alpha=0.4,
-                    checkpoint_minutes=0.0)  # fmt: skip
+    settings = dict(
+        epochs=3,
+        batch_size=16,
+        dropout_rate=0.1,
+        drop_path_rate=0.1,
+        mixup_alpha=0.4,
+        cutmix_alpha=0.4,
+        checkpoint_minutes=0.0,
+    )
     uninterrupted = train(data, "smoke", tmp_path / "full", **settings)
 
     real_save = checkpoints.save_atomic
@@ -121,10 +128,26 @@ def test_a_terminated_run_stops_promptly_and_resumes_from_its_checkpoint(tmp_pat
     from tests.conftest import REPO
 
     data = str(make_layout(tmp_path / "data", per_split=(64, 4, 4)))
-    command = [sys.executable, "-m", "components.train", "--data", data, "--preset", "smoke", "--output",
-               str(tmp_path / "run"), "--epochs", "60", "--batch-size", "16", "--checkpoint-minutes", "0"]  # fmt: skip
-    run = subprocess.Popen(command, cwd=REPO, env=child_environment(), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "components.train",
+        "--data",
+        data,
+        "--preset",
+        "smoke",
+        "--output",
+        str(tmp_path / "run"),
+        "--epochs",
+        "60",
+        "--batch-size",
+        "16",
+        "--checkpoint-minutes",
+        "0",
+    ]
+    run = subprocess.Popen(
+        command, cwd=REPO, env=child_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
     while not last.exists() and time.monotonic() < deadline:

@@ -18,15 +18,24 @@ def test_the_small_setting_prints_every_row(tmp_path):
     from tests.conftest import FASHION_ZIP, make_layout
 
     data = FASHION_ZIP if FASHION_ZIP.is_file() else make_layout(tmp_path / "data", per_split=(16, 4, 4))
-    command = [sys.executable, "benchmarks/train_throughput.py", "--small", "--data", str(data),
-               "--output-json", str(tmp_path / "rows.json")]  # fmt: skip
+    command = [
+        sys.executable,
+        "benchmarks/train_throughput.py",
+        "--small",
+        "--data",
+        str(data),
+        "--output-json",
+        str(tmp_path / "rows.json"),
+    ]
     run = subprocess.run(command, cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert [(r["scope"], r["impl"], r["compiled"]) for r in rows] == [
-        ("model step", "timm", False), ("model step", "sdpa", False), ("model step", "separate", False),
+        ("model step", "timm", False),
+        ("model step", "sdpa", False),
+        ("model step", "separate", False),
         ("training component", "sdpa", False),
-    ]  # fmt: skip
+    ]
     assert all(r["images_per_second"] > 0 and r["mfu"] is None for r in rows)  # no GPU peak on a CPU
     assert "img/s" in run.stdout
 
