@@ -246,3 +246,25 @@ def test_steps_take_parameters_as_an_agent_passes_them(tmp_path):
     assert len(trained["train_loss"]) == 1 and Path(checkpoint).is_file()
     (result,) = steps.highres_step(checkpoint, fetched_data, "48", "2", str(tmp_path / "run"))
     assert result["image_size"] == 48 and len(result["finetune_losses"]) == 2
+
+
+def test_server_mode_reports_a_server_that_does_not_answer_within_seconds(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # nothing listens here once the socket closes
+    env = child_environment(CLEARML_API_HOST=f"http://127.0.0.1:{port}")
+    env.pop("CLEARML_OFFLINE_MODE", None)
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "pipelines/run_pipeline.py", "--data", "kaggle"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and time.monotonic() - started < 30
+    assert f"ClearML server at http://127.0.0.1:{port} did not answer" in run.stderr and "--local" in run.stderr
