@@ -101,7 +101,11 @@ class Tracker:
         self.logger.report_table(title, "table", iteration=step, table_plot=shown)
 
     def figure(self, title: str, figure, step: int = 0) -> None:
+        """Reports a matplotlib figure as an image, then closes it (save it to a file first)."""
+        import matplotlib.pyplot as plt
+
         self.logger.report_matplotlib_figure(title, "figure", figure=figure, iteration=step, report_image=True)
+        plt.close(figure)
 
     def artifact(self, name: str, obj) -> None:
         self.task.upload_artifact(name, artifact_object=obj, wait_on_upload=True)
