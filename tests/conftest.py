@@ -4,6 +4,7 @@ never talks to a server (offline sessions under a temporary folder)."""
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import zipfile
 from pathlib import Path
@@ -25,6 +26,13 @@ os.environ["KAGGLE_CONFIG_DIR"] = str(_SCRATCH / "no-kaggle-config")
 
 FASHION_ZIP = REPO.parent / "shared" / "data" / "fashion-mnist-headgear-layout.zip"
 CLASSES = ["BASEBALL CAP", "BERET", "ZUCCHETTO"]
+
+
+def closed_port() -> int:
+    """A local port nothing listens on: where a ClearML server is configured but absent."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def write_image(path: Path, seed: int, size: int = 40, mode: str = "RGB", fmt: str = "JPEG") -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from components.tracking import child_environment
 from pipelines.run_pipeline import DAG, build_controller, default_highres_size
-from tests.conftest import FASHION_ZIP, REPO, make_layout
+from tests.conftest import FASHION_ZIP, REPO, closed_port, make_layout
 from tests.sessions import read_session, scalars
 
 SUMMARY_KEYS = {
@@ -27,9 +27,14 @@ SUMMARY_KEYS = {
 }
 
 
+def pipeline_command(*args: str) -> list[str]:
+    return [sys.executable, "pipelines/run_pipeline.py", "--local", *args]
+
+
 def run_pipeline(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "pipelines/run_pipeline.py", "--local", *args]
-    return subprocess.run(command, cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        pipeline_command(*args), cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=900
+    )
 
 
 def test_the_local_run_end_to_end(tmp_path):
@@ -191,10 +196,7 @@ def test_ctrl_c_stops_the_run_and_leaves_nothing_half_written(tmp_path):
     import time
 
     data = make_layout(tmp_path / "data", per_split=(64, 4, 4))
-    command = [
-        sys.executable,
-        "pipelines/run_pipeline.py",
-        "--local",
+    command = pipeline_command(
         "--data",
         str(data),
         "--preset",
@@ -205,7 +207,7 @@ def test_ctrl_c_stops_the_run_and_leaves_nothing_half_written(tmp_path):
         "400",
         "--benchmark",
         "quick",
-    ]
+    )
     run = subprocess.Popen(
         command,
         cwd=REPO,
@@ -249,12 +251,9 @@ def test_steps_take_parameters_as_an_agent_passes_them(tmp_path):
 
 
 def test_server_mode_reports_a_server_that_does_not_answer_within_seconds(tmp_path):
-    import socket
     import time
 
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]  # nothing listens here once the socket closes
+    port = closed_port()
     env = child_environment(CLEARML_API_HOST=f"http://127.0.0.1:{port}")
     env.pop("CLEARML_OFFLINE_MODE", None)
     started = time.monotonic()

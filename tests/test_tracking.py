@@ -9,6 +9,7 @@ import time
 import pytest
 
 from components.tracking import TrackingError, check_server, open_task, server_configured
+from tests.conftest import closed_port
 
 
 @pytest.fixture
@@ -41,9 +42,7 @@ def test_a_server_that_does_not_answer_is_reported_within_seconds(monkeypatch, s
 
 
 def test_open_task_refuses_an_unreachable_server_before_clearml_retries(monkeypatch, tmp_path):
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]  # nothing listens here once the socket closes
+    port = closed_port()
     monkeypatch.delenv("CLEARML_OFFLINE_MODE")
     monkeypatch.setenv("CLEARML_API_HOST", f"http://127.0.0.1:{port}")
     started = time.monotonic()
