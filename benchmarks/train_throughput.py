@@ -5,6 +5,9 @@ Rows, all measured in one run on whatever device is present:
 - model step: one training step (forward under bf16 autocast on a GPU, cross-entropy,
   backward, AdamW, fused on a GPU) on a fixed batch, eager and with torch.compile, for timm's
   VisionTransformer and for ours (``sdpa``, and ``separate`` eager, which still trains);
+- data loader: the training component's loader processes and on-device augmentation alone,
+  no model: the rate the model step must stay below for the loader never to be the
+  bottleneck;
 - training component: ``components.train`` end to end (data loader, augmentation, logging,
   validation, checkpoints) on a real archive, timed after its first epoch.
 
@@ -28,8 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from components.augment import augment_on_device  # noqa: E402
+from components.data import decode_split, resolve  # noqa: E402
 from components.devices import pick_device  # noqa: E402
-from components.train import train  # noqa: E402
+from components.presets import preset as train_preset  # noqa: E402
+from components.train import train, training_batches  # noqa: E402
 from model import MODEL_PRESETS, ViT  # noqa: E402
 from model.timm_convert import timm_vit  # noqa: E402
 
@@ -105,6 +111,29 @@ def model_step_throughput(
     return steps * batch_size / (time.perf_counter() - started)
 
 
+def loader_throughput(data: str, image_size: int, batch_size: int, batches: int, device: torch.device) -> float:
+    """Images/s of the training loader with the GPU recipe's augmentation, batches moved to the
+    device and augmented there, after the loader processes have started and drained their
+    first prefetched batches."""
+    config = train_preset("vit-ti16-224", image_size=image_size, batch_size=batch_size, epochs=1_000_000)
+    images, labels = decode_split(resolve(data), "train", image_size)
+    loader = training_batches(images, labels, config, 0, device)
+    warmup = 4 * loader.num_workers + 5
+    for count, (batch_images, _, geometry, boxes) in enumerate(loader):
+        if count == warmup:
+            started = time.perf_counter()
+        augment_on_device(
+            batch_images.to(device, non_blocking=True),
+            geometry.to(device, non_blocking=True),
+            boxes.to(device, non_blocking=True),
+        )
+        if count == warmup + batches:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batches * batch_size / (time.perf_counter() - started)
+
+
 def component_throughput(
     data: str,
     preset: str,
@@ -140,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per model-step row (default: 30)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
+    parser.add_argument("--loader-batches", type=int, default=100, help="timed batches, data-loader row (default: 100)")
     parser.add_argument("--component-epochs", type=int, default=8, help="epochs of the component rows (default: 8)")
     parser.add_argument(
         "--component-models", default="vit-ti16", help="models of the component rows (default: vit-ti16)"
@@ -152,12 +182,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.small:
         args.models, args.batch_size, args.image_size, args.steps, args.warmup = "vit-tiny-test", 8, 32, 3, 1
         args.component_epochs, args.component_models, args.no_compile = 2, "vit-tiny-test", True
+        args.loader_batches = 5
     peak = peak_flops(device)
     compile_modes = [False] if args.no_compile else [False, True]
     rows = []
 
-    def add(scope: str, impl: str, preset: str, compiled: bool, images_per_second: float) -> None:
-        flops = 3 * forward_flops(MODEL_PRESETS[preset], args.image_size) * images_per_second
+    def add(scope: str, impl: str, preset: str | None, compiled: bool, images_per_second: float) -> None:
+        """One row; ``preset`` None for the data loader, which has no FLOPs."""
+        flops = 3 * forward_flops(MODEL_PRESETS[preset], args.image_size) * images_per_second if preset else None
         rows.append(
             {
                 "scope": scope,
@@ -165,15 +197,15 @@ def main(argv: list[str] | None = None) -> None:
                 "model": preset,
                 "compiled": compiled,
                 "images_per_second": images_per_second,
-                "tflops": flops / 1e12,
-                "mfu": flops / peak if peak else None,
+                "tflops": flops and flops / 1e12,
+                "mfu": flops / peak if flops and peak else None,
             }
         )
-        row = rows[-1]
-        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+        tflops = f"{flops / 1e12:8.2f} TFLOP/s" if flops else f"{'':>16}"
+        mfu = f"{flops / peak:.1%}" if flops and peak else "n/a"
         print(
-            f"{scope:<18} {impl:<9} {preset:<13} {'compiled' if compiled else 'eager':<9} "
-            f"{images_per_second:10.1f} img/s {row['tflops']:8.2f} TFLOP/s  MFU {mfu}",
+            f"{scope:<18} {impl:<9} {preset or '':<13} {'compiled' if compiled else 'eager':<9} "
+            f"{images_per_second:10.1f} img/s {tflops}  MFU {mfu}",
             flush=True,
         )
 
@@ -182,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
         f"device {name}, torch {torch.__version__}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
         f"bf16 autocast {device.type == 'cuda'}"
     )
+    if args.data:
+        speed = loader_throughput(args.data, args.image_size, args.batch_size, args.loader_batches, device)
+        add("data loader", "augment", None, False, speed)
     for preset in args.models.split(","):
         for compiled in compile_modes:
             impls = ["timm", "sdpa"] + ([] if compiled else ["separate"])

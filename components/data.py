@@ -288,3 +288,8 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the paper's normalisation. Runs
     on whatever device the batch is on, so only uint8 bytes cross to the GPU."""
     return images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+
+
+def from_input(inputs: torch.Tensor) -> np.ndarray:
+    """The inverse of `to_input`, for showing model inputs: float (N, 3, H, W) -> uint8 (N, H, W, 3)."""
+    return inputs.add(1.0).mul(127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()

@@ -25,13 +25,15 @@ from components.tracking import open_task
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """Logits (N, K) in float32 on the CPU for uint8 images (N, H, W, 3)."""
+def predict(
+    model: torch.nn.Module, images: np.ndarray | torch.Tensor, device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
+    """Logits (N, K) in float32 on the CPU for uint8 images (N, H, W, 3), on any device."""
     model.eval()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     outputs = []
     for start in range(0, len(images), batch_size):
-        batch = to_input(torch.from_numpy(images[start : start + batch_size]).to(device))
+        batch = to_input(torch.as_tensor(images[start : start + batch_size]).to(device))
         with autocast:
             outputs.append(model(batch).float().cpu())
     return torch.cat(outputs)

@@ -29,13 +29,14 @@ from tqdm import tqdm
 
 from components import checkpoints
 from components.atomic import write_json
+from components.augment import AugmentedImages, augment_on_device
 from components.data import DataError, decode_split, resolve, to_input
 from components.devices import pick_device
 from components.evaluate import accuracy, predict
 from components.plots import grouped_bars_figure, similarity_figure
 from components.presets import TrainConfig
 from components.tracking import open_task
-from components.train import AugmentedImages, EpochBatches, learning_rate
+from components.train import EpochBatches, learning_rate
 from model import ViT
 
 
@@ -56,13 +57,14 @@ def finetune(
     loader = DataLoader(augmented, batch_sampler=sampler, num_workers=0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     losses = []
-    for step, (batch_images, batch_labels) in enumerate(tqdm(loader, total=steps, desc="fine-tune", unit="step")):
+    batches = tqdm(loader, total=steps, desc="fine-tune", unit="step")
+    for step, (batch_images, batch_labels, geometry, _) in enumerate(batches):
         if step == steps:
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step, steps, steps_per_epoch=1)
         with autocast:
-            logits = model(to_input(batch_images.to(device)))
+            logits = model(augment_on_device(batch_images.to(device), geometry.to(device), None))
         loss = F.cross_entropy(logits.float(), batch_labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -140,6 +142,8 @@ def highres(
                 lr=params["finetune_lr"],
                 min_lr=0.0,
                 warmup_epochs=0,
+                rand_augment=0,
+                random_erasing=0.0,
                 batch_size=min(params["finetune_batch_size"], len(train_images)),
             )
             model, _ = checkpoints.load_model(Path(params["checkpoint"]))

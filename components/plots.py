@@ -36,10 +36,11 @@ def image_grid_figure(images: np.ndarray, titles: list[str], columns: int = 8):
     return figure
 
 
-def curves_figure(series: dict[str, list[float]], xlabel: str, ylabel: str):
+def curves_figure(series: dict[str, list[float]], xlabel: str, ylabel: str, x: list[float] | None = None):
+    """Line plots of equally long series against ``x`` (default 1, 2, ...)."""
     figure, axis = plt.subplots(figsize=(6, 3.5), layout="constrained")
     for name, values in series.items():
-        axis.plot(range(1, len(values) + 1), values, marker=".", label=name)
+        axis.plot(x or range(1, len(values) + 1), values, marker=".", label=name)
     axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
     axis.grid(alpha=0.3)

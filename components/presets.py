@@ -31,6 +31,7 @@ class TrainConfig:
     compile: str = "auto"
     workers: int = -1
     log_every: int = 10
+    validate_every: int = 1
     checkpoint_minutes: float = 1.0
     seed: int = 0
 
@@ -59,6 +60,7 @@ HELP = {
     "compile": "torch.compile: auto (on a GPU), on or off",
     "workers": "data-loader processes; -1 picks by the machine",
     "log_every": "steps between scalar reports (the only host-device synchronisations)",
+    "validate_every": "epochs between validations (the last epoch always validates); checkpoints follow them",
     "checkpoint_minutes": "least minutes between checkpoints (the last epoch always saves); 0 saves every epoch",
     "seed": "random seed: initialisation, data order, augmentation, dropout",
 }
@@ -103,6 +105,7 @@ PRESETS: dict[str, TrainConfig] = {
         random_erasing=0.25,
         mixup_alpha=0.8,
         cutmix_alpha=1.0,
+        validate_every=5,
     ),
 }
 

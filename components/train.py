@@ -1,9 +1,10 @@
 """train: a ViT from a preset, trained from scratch, tracked in ClearML.
 
-AdamW with linear warm-up and cosine decay, label smoothing, optional mixup/cutmix,
-gradient clipping, bf16 autocast and torch.compile on a GPU. Images are decoded once and
-kept in memory; albumentations augments them in data-loader processes, seeded by (seed,
-epoch, image) so that a resumed run sees exactly the images an uninterrupted one would.
+AdamW with linear warm-up and cosine decay, label smoothing, RandAugment, random erasing,
+mixup/cutmix, gradient clipping, bf16 autocast and torch.compile on a GPU. Images are decoded
+once and kept in memory; `components.augment` splits their augmentation between the loader
+processes and the device, seeded by (seed, epoch, image) so that a resumed run sees exactly
+the images an uninterrupted one would.
 
     python -m components.train --data runs/data/<version> --preset smoke --output runs/train
 """
@@ -14,76 +15,25 @@ import argparse
 import math
 import os
 import time
-import zlib
 from dataclasses import asdict
 from pathlib import Path
 
-import albumentations as A
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from components import checkpoints
 from components.atomic import write_json
-from components.data import DataError, decode_split, resolve, to_input
+from components.augment import AugmentedImages, augment_on_device, mix
+from components.data import DataError, decode_split, from_input, resolve
 from components.devices import pick_device
 from components.evaluate import accuracy, predict
 from components.plots import curves_figure, image_grid_figure
 from components.presets import TrainConfig, add_override_flags, overrides_from, preset
 from components.tracking import open_task
 from model import ViT, model_config
-
-# Before any augmentation runs: an OpenCV thread pool started here would deadlock the loader
-# processes forked from this one (and they are faster single-threaded anyway).
-cv2.setNumThreads(1)
-
-
-class AugmentedImages(Dataset):
-    """Decoded uint8 images (N, S, S, 3) -> augmented uint8 (S, S, 3) and the label.
-
-    Indexed by (epoch, index): the augmentation is a function of (seed, epoch, index) alone.
-    """
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, config: TrainConfig):
-        self.images, self.labels, self.seed = images, labels, config.seed
-        size = (config.image_size, config.image_size)
-        policy = [
-            A.RandomResizedCrop(size=size, scale=(config.crop_scale, 1.0), p=float(config.crop_scale < 1)),
-            A.HorizontalFlip(p=0.5 if config.hflip else 0.0),
-        ]
-        if config.rand_augment:
-            policy.append(A.SomeOf(rand_augment_ops(), n=config.rand_augment, p=1.0))
-        if config.random_erasing:
-            policy.append(A.Erasing(fill="random", p=config.random_erasing))
-        self.transform = A.Compose(policy)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, int]:
-        epoch, index = key
-        self.transform.set_random_seed(zlib.crc32(f"{self.seed}/{epoch}/{index}".encode()))
-        return self.transform(image=self.images[index])["image"], self.labels[index]
-
-
-def rand_augment_ops() -> list:
-    """RandAugment's operations (Cubuk et al. 2020) at a fixed, moderate magnitude."""
-    return [
-        A.Affine(rotate=(-20, 20), p=1.0),
-        A.Affine(shear={"x": (-15, 15)}, p=1.0),
-        A.Affine(shear={"y": (-15, 15)}, p=1.0),
-        A.Affine(translate_percent={"x": (-0.15, 0.15)}, p=1.0),
-        A.Affine(translate_percent={"y": (-0.15, 0.15)}, p=1.0),
-        A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, p=1.0),
-        A.Equalize(p=1.0),
-        A.AutoContrast(p=1.0),
-        A.Posterize(num_bits=(4, 6), p=1.0),
-        A.Solarize(p=1.0),
-        A.Sharpen(p=1.0),
-    ]
 
 
 class EpochBatches(Sampler):
@@ -114,28 +64,6 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int, steps_per_ep
         return config.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def mix(images: torch.Tensor, targets: torch.Tensor, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup or cutmix (one of them per batch, when both are on) with the batch reversed:
-    images (B, C, H, W), soft targets (B, K)."""
-    choices = [kind for kind, alpha in (("mixup", config.mixup_alpha), ("cutmix", config.cutmix_alpha)) if alpha > 0]
-    if not choices:
-        return images, targets
-    kind = choices[int(torch.randint(len(choices), ()))]
-    alpha = config.mixup_alpha if kind == "mixup" else config.cutmix_alpha
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    if kind == "mixup":
-        images = images * lam + images.flip(0) * (1 - lam)
-    else:
-        height, width = images.shape[-2:]
-        cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
-        top, left = int(torch.randint(height - cut_h + 1, ())), int(torch.randint(width - cut_w + 1, ()))
-        rows, columns = slice(top, top + cut_h), slice(left, left + cut_w)
-        images = images.clone()
-        images[..., rows, columns] = images.flip(0)[..., rows, columns]
-        lam = 1 - cut_h * cut_w / (height * width)
-    return images, targets * lam + targets.flip(0) * (1 - lam)
 
 
 def build_model(config: TrainConfig, n_classes: int) -> ViT:
@@ -172,9 +100,26 @@ def _workers(config: TrainConfig, device: torch.device) -> int:
     return 0 if device.type == "cpu" else min(16, max(0, (os.cpu_count() or 1) - 2))
 
 
+def training_batches(
+    images: np.ndarray, labels: np.ndarray, config: TrainConfig, first_epoch: int, device: torch.device
+) -> DataLoader:
+    """Batches (uint8 images, labels, warps, erased boxes) of epochs [first_epoch, epochs), for
+    `augment_on_device`, from loader processes that live for the whole run."""
+    workers = _workers(config, device)
+    return DataLoader(
+        AugmentedImages(images, labels, config),
+        batch_sampler=EpochBatches(len(images), config.batch_size, first_epoch, config.epochs, config.seed),
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=_single_threaded_worker,
+    )
+
+
 def train(data: str, preset_name: str, output: Path, resume: bool = False, device: str = "auto", **overrides) -> dict:
-    """Trains and returns ``{"checkpoint" (best.pt), "last_checkpoint", "image_size",
-    "train_loss", "val_accuracy", "val_loss" (per epoch), "images_per_second" (after the first
+    """Trains and returns ``{"checkpoint" (best.pt), "last_checkpoint", "image_size", "epochs"
+    (those that ended in a validation), "train_loss" (mean since the previous validation),
+    "val_accuracy", "val_loss" (one per validation), "images_per_second" (after the first
     epoch), "classes", "data_version", "model_id" (with a server), "plots", "clearml"}``; also
     written to ``output/train.json``."""
     output = Path(output)
@@ -201,7 +146,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         torch.manual_seed(config.seed)
         model = build_model(config, len(classes)).to(device)
         optimizer = build_optimizer(model, config, device)
-        history = {"train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": []}
+        history = {"epoch": [], "train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": []}
         first_epoch, best_accuracy, best = 0, -1.0, {}
         if state is not None:
             model.load_state_dict(state["model"])
@@ -212,43 +157,40 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         use_compile = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
         forward = torch.compile(model) if use_compile else model
 
-        augmented = AugmentedImages(train_images, train_labels, config)
-        sampler = EpochBatches(len(augmented), config.batch_size, first_epoch, config.epochs, config.seed)
-        workers = _workers(config, device)
-        loader = DataLoader(
-            augmented,
-            batch_sampler=sampler,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            prefetch_factor=4 if workers else None,
-            worker_init_fn=_single_threaded_worker,
-        )
+        loader = training_batches(train_images, train_labels, config, first_epoch, device)
+        augmented, sampler = loader.dataset, loader.batch_sampler
         if first_epoch == 0:
             sample = [augmented[(0, i)] for i in range(min(16, len(augmented)))]
+            images, labels, geometry, boxes = (torch.as_tensor(np.stack(part)) for part in zip(*sample))
             tracker.figure(
                 "augmented training images",
-                image_grid_figure(np.stack([image for image, _ in sample]), [classes[label] for _, label in sample]),
+                image_grid_figure(from_input(augment_on_device(images, geometry, boxes)), [classes[i] for i in labels]),
             )
 
+        valid_images = torch.from_numpy(valid_images).to(device)  # uploaded once
         steps_per_epoch, total_steps = sampler.steps_per_epoch, config.epochs * sampler.steps_per_epoch
         step = first_epoch * steps_per_epoch
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-        epoch_loss = epoch_correct = torch.zeros((), device=device)
+        # Loss and correct predictions summed per epoch on the device, read at validations only.
+        epoch_sums = torch.zeros(config.epochs, 2, device=device)
+        unreported_from = first_epoch
         window_start, window_images = time.perf_counter(), 0
         saved_at, timed_from = time.monotonic(), None
         model.train()
-        for batch_images, batch_labels in loader:
+        for batch_images, batch_labels, geometry, boxes in loader:
             epoch = step // steps_per_epoch
             if step % steps_per_epoch == 0:
-                torch.manual_seed(config.seed * 10_007 + epoch)  # dropout, drop path, mixup: per epoch
-                epoch_loss = torch.zeros((), device=device)
-                epoch_correct = torch.zeros((), device=device)
+                torch.manual_seed(config.seed * 10_007 + epoch)  # dropout, drop path, erasing, mixup: per epoch
             lr = learning_rate(config, step, total_steps, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = to_input(batch_images.to(device, non_blocking=True))
             labels = batch_labels.to(device, non_blocking=True)
+            images = augment_on_device(
+                batch_images.to(device, non_blocking=True),
+                geometry.to(device, non_blocking=True),
+                boxes.to(device, non_blocking=True) if config.random_erasing else None,
+            )
             targets = F.one_hot(labels, len(classes)).float()
             targets = targets * (1 - config.label_smoothing) + config.label_smoothing / len(classes)
             images, targets = mix(images, targets, config)
@@ -260,13 +202,13 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            epoch_loss += loss.detach()
-            epoch_correct += (logits.argmax(-1) == labels).sum()
+            epoch_sums[epoch, 0] += loss.detach()
+            epoch_sums[epoch, 1] += (logits.argmax(-1) == labels).sum()
             step += 1
             window_images += len(labels)
             progress.update()
 
-            if step % config.log_every == 0:  # the only host-device synchronisation of the loop
+            if step % config.log_every == 0:  # with validations, the only host-device synchronisations
                 elapsed = time.perf_counter() - window_start
                 tracker.scalar("loss", "train (step)", loss.item(), step)
                 tracker.scalar("learning rate", "lr", lr, step)
@@ -274,14 +216,18 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                 progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{window_images / elapsed:.0f}")
                 window_start, window_images = time.perf_counter(), 0
 
-            if step % steps_per_epoch == 0:
-                model.eval()
+            last_epoch = epoch + 1 == config.epochs
+            if step % steps_per_epoch == 0 and ((epoch + 1) % config.validate_every == 0 or last_epoch):
+                loss_sum, correct = epoch_sums[unreported_from : epoch + 1].sum(0).tolist()
+                trained_steps = (epoch + 1 - unreported_from) * steps_per_epoch
+                unreported_from = epoch + 1
                 val_logits = predict(model, valid_images, device, config.batch_size)
+                model.train()
                 val_loss = F.cross_entropy(val_logits, torch.from_numpy(valid_labels)).item()
                 val_accuracy = accuracy(val_logits, valid_labels)
-                model.train()
-                history["train_loss"].append(epoch_loss.item() / steps_per_epoch)
-                history["train_accuracy"].append(epoch_correct.item() / (steps_per_epoch * config.batch_size))
+                history["epoch"].append(epoch + 1)
+                history["train_loss"].append(loss_sum / trained_steps)
+                history["train_accuracy"].append(correct / (trained_steps * config.batch_size))
                 history["val_loss"].append(val_loss)
                 history["val_accuracy"].append(val_accuracy)
                 for name, series, value in (
@@ -294,7 +240,6 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                 if val_accuracy > best_accuracy:  # kept on the device; written with the next checkpoint
                     best_accuracy = val_accuracy
                     best = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}, "epoch": epoch}
-                last_epoch = epoch + 1 == config.epochs
                 if last_epoch or time.monotonic() - saved_at >= config.checkpoint_minutes * 60:
                     checkpoints.save_atomic({**best, "config": model.config, "classes": classes}, best_path)
                     checkpoints.save_atomic(
@@ -313,12 +258,12 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                         last_path,
                     )
                     saved_at = time.monotonic()
-                if epoch == first_epoch:  # throughput is measured after the first epoch (compilation, warm-up)
-                    timed_from = time.perf_counter()
                 progress.write(
                     f"epoch {epoch + 1}/{config.epochs}: train loss {history['train_loss'][-1]:.4f}, "
                     f"valid loss {val_loss:.4f}, valid accuracy {val_accuracy:.4f}"
                 )
+            if step == (first_epoch + 1) * steps_per_epoch:  # throughput is timed after the first epoch
+                timed_from = time.perf_counter()
         progress.close()
         timed_epochs = config.epochs - first_epoch - 1
         throughput = (
@@ -335,6 +280,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             },
             "epoch",
             "value",
+            x=history["epoch"],
         )
         figure.savefig(output / "curves.png", dpi=120)
         tracker.figure("training curves", figure)
@@ -344,6 +290,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             "checkpoint": str(best_path),
             "last_checkpoint": str(last_path),
             "image_size": config.image_size,
+            "epochs": history["epoch"],
             "train_loss": history["train_loss"],
             "val_accuracy": history["val_accuracy"],
             "val_loss": history["val_loss"],

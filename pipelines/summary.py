@@ -20,7 +20,7 @@ def build_summary(mode: str, preset: str, steps: dict[str, dict]) -> dict:
         "dataset": {key: fetched[key] for key in ("source", "version", "classes", "counts")},
         "train": {
             "preset": preset,
-            "epochs": len(trained["train_loss"]),
+            "epochs": trained["epochs"][-1],
             "image_size": trained["image_size"],
             "train_loss": trained["train_loss"],
             "val_accuracy": trained["val_accuracy"],

@@ -103,21 +103,6 @@ def test_unknown_settings_are_refused():
         preset("smoke", learning_rate=1.0)
 
 
-def test_augmentation_is_a_function_of_seed_epoch_and_image():
-    import numpy as np
-
-    from components.train import AugmentedImages
-
-    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
-    config = preset("smoke", rand_augment=2, random_erasing=0.5)
-    augmented = AugmentedImages(images, np.arange(4), config)
-    first, label = augmented[(3, 1)]
-    assert first.shape == (32, 32, 3) and first.dtype == np.uint8 and label == 1
-    assert np.array_equal(augmented[(3, 1)][0], first)  # the same (epoch, image): the same pixels
-    assert np.array_equal(AugmentedImages(images, np.arange(4), config)[(3, 1)][0], first)  # in any process
-    assert not np.array_equal(augmented[(4, 1)][0], first)  # another epoch: another view
-
-
 def test_a_terminated_run_stops_promptly_and_resumes_from_its_checkpoint(tmp_path):
     import signal
     import subprocess

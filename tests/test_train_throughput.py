@@ -31,6 +31,7 @@ def test_the_small_setting_prints_every_row(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert [(r["scope"], r["impl"], r["compiled"]) for r in rows] == [
+        ("data loader", "augment", False),
         ("model step", "timm", False),
         ("model step", "sdpa", False),
         ("model step", "separate", False),
