@@ -28,6 +28,7 @@ class TrainConfig:
     random_erasing: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    ema_decay: float = 0.0
     compile: str = "auto"
     workers: int = -1
     log_every: int = 10
@@ -57,6 +58,8 @@ HELP = {
     "random_erasing": "probability of erasing a random rectangle",
     "mixup_alpha": "Beta parameter of mixup; 0 disables it",
     "cutmix_alpha": "Beta parameter of cutmix; 0 disables it",
+    "ema_decay": "per-step decay of an exponential moving average of the weights, which is then what is "
+    "validated and saved as best.pt (e.g. 0.998); 0 disables it",
     "compile": "torch.compile: auto (on a GPU), on or off",
     "workers": "data-loader processes; -1 picks by the machine",
     "log_every": "steps between scalar reports (the only host-device synchronisations)",

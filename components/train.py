@@ -12,6 +12,7 @@ the images an uninterrupted one would.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
@@ -89,6 +91,15 @@ def build_optimizer(model: ViT, config: TrainConfig, device: torch.device) -> to
     return torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda")
 
 
+@torch.no_grad()
+def update_average(average: ViT, model: ViT, decay: float, step: int) -> None:
+    """Exponential moving average of the weights: average <- d average + (1 - d) model, with
+    d = min(decay, (1 + step) / (10 + step)) so that the first weights do not linger (as timm
+    warms it up). On the device, without a host-device synchronisation."""
+    warmed_up = min(decay, (1 + step) / (10 + step))
+    get_ema_multi_avg_fn(warmed_up)(list(average.parameters()), list(model.parameters()), None)
+
+
 def _single_threaded_worker(_worker_id: int) -> None:
     """Many loader processes each with a full thread pool would fight over the cores."""
     torch.set_num_threads(1)
@@ -146,11 +157,16 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         torch.manual_seed(config.seed)
         model = build_model(config, len(classes)).to(device)
         optimizer = build_optimizer(model, config, device)
+        # With an average of the weights, it is what is validated and kept as the best model.
+        average = copy.deepcopy(model).requires_grad_(False) if config.ema_decay else None
+        validated = model if average is None else average
         history = {"epoch": [], "train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": []}
         first_epoch, best_accuracy, best = 0, -1.0, {}
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            if average is not None:
+                average.load_state_dict(state["average"])
             history, first_epoch, best_accuracy = state["history"], state["epoch"] + 1, state["best_accuracy"]
             best = state["best"]
             print(f"resuming {last_path} after epoch {first_epoch}")
@@ -202,6 +218,8 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
+            if average is not None:
+                update_average(average, model, config.ema_decay, step)
             epoch_sums[epoch, 0] += loss.detach()
             epoch_sums[epoch, 1] += (logits.argmax(-1) == labels).sum()
             step += 1
@@ -221,7 +239,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                 loss_sum, correct = epoch_sums[unreported_from : epoch + 1].sum(0).tolist()
                 trained_steps = (epoch + 1 - unreported_from) * steps_per_epoch
                 unreported_from = epoch + 1
-                val_logits = predict(model, valid_images, device, config.batch_size)
+                val_logits = predict(validated, valid_images, device, config.batch_size)
                 model.train()
                 val_loss = F.cross_entropy(val_logits, torch.from_numpy(valid_labels)).item()
                 val_accuracy = accuracy(val_logits, valid_labels)
@@ -239,7 +257,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                     tracker.scalar(name, series, value, epoch + 1)
                 if val_accuracy > best_accuracy:  # kept on the device; written with the next checkpoint
                     best_accuracy = val_accuracy
-                    best = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}, "epoch": epoch}
+                    best = {"model": {k: v.detach().clone() for k, v in validated.state_dict().items()}, "epoch": epoch}
                 if last_epoch or time.monotonic() - saved_at >= config.checkpoint_minutes * 60:
                     checkpoints.save_atomic({**best, "config": model.config, "classes": classes}, best_path)
                     checkpoints.save_atomic(
@@ -248,6 +266,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                             "config": model.config,
                             "classes": classes,
                             "optimizer": optimizer.state_dict(),
+                            "average": None if average is None else average.state_dict(),
                             "epoch": epoch,
                             "history": history,
                             "best": best,

@@ -45,6 +45,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         drop_path_rate=0.1,
         mixup_alpha=0.4,
         cutmix_alpha=0.4,
+        rand_augment=2,
+        random_erasing=0.5,
+        ema_decay=0.9,
         checkpoint_minutes=0.0,
     )
     uninterrupted = train(data, "smoke", tmp_path / "full", **settings)
@@ -66,9 +69,27 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     resumed = train(data, "smoke", tmp_path / "resumed", resume=True, **settings)
     assert resumed["train_loss"] == uninterrupted["train_loss"]
     assert resumed["val_accuracy"] == uninterrupted["val_accuracy"]
-    full = checkpoints.load(uninterrupted["last_checkpoint"])["model"]
-    again = checkpoints.load(resumed["last_checkpoint"])["model"]
-    assert all(torch.equal(full[key], again[key]) for key in full)
+    full, again = checkpoints.load(uninterrupted["last_checkpoint"]), checkpoints.load(resumed["last_checkpoint"])
+    for weights in ("model", "average"):
+        assert all(torch.equal(full[weights][key], again[weights][key]) for key in full[weights])
+
+
+def test_the_weight_average_is_validated_and_kept_as_the_best_model(tmp_path):
+    from components.train import update_average
+
+    model, average = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    start = average.weight.detach().clone()
+    update_average(average, model, decay=0.99, step=0)  # warm-up: d = 1/10
+    assert torch.allclose(average.weight, 0.1 * start + 0.9 * model.weight)
+    before = average.weight.detach().clone()
+    update_average(average, model, decay=0.5, step=1000)  # d = decay once warmed up
+    assert torch.allclose(average.weight, 0.5 * before + 0.5 * model.weight)
+
+    data = str(make_layout(tmp_path / "data", per_split=(24, 4, 4)))
+    result = train(data, "smoke", tmp_path / "run", epochs=1, batch_size=8, ema_decay=0.9)
+    last, best = checkpoints.load(result["last_checkpoint"]), checkpoints.load(result["checkpoint"])
+    assert all(torch.equal(best["model"][key], last["average"][key]) for key in best["model"])
+    assert not all(torch.equal(last["model"][key], last["average"][key]) for key in last["model"])
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
