@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The GPU measurements behind benchmarks/RESULTS.md, as run on a lent H100 with no network:
-#   bash benchmarks/gpu_checks.sh speed   # attention sweep + training throughput
-#   bash benchmarks/gpu_checks.sh recipe  # vit-ti16-224 from scratch, evaluate, highres at 384
+# The GPU measurements behind benchmarks/RESULTS.md, as run on a lent H100 with no network.
+# Each part fits one 10-minute device call; speed and recipe together fit one 15-minute lease.
+#   bash benchmarks/gpu_checks.sh attention  # the separate/fused/sdpa sweep (about 2 minutes)
+#   bash benchmarks/gpu_checks.sh speed   # syncs per step, then training throughput (about 5)
+#   bash benchmarks/gpu_checks.sh recipe  # vit-ti16-224 from scratch, evaluate, highres at 384 (about 6)
 #   bash benchmarks/gpu_checks.sh ablate "--rand-augment 0" "--epochs 200" ...  # one run per override set
 # DATA is the Fashion-MNIST stand-in archive; OUT receives the logs and JSON results.
 # SMALL=1 runs the same commands with tiny settings (a dry run on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?speed, recipe or ablate}
+part=${1:?attention, speed, recipe or ablate}
 DATA=${DATA:-.device-data/fashion.zip}
 OUT=${OUT:-runs/gpu-checks}
 mkdir -p "$OUT"
@@ -24,12 +26,16 @@ print(f"{name}; torch {torch.__version__}; timm {timm.__version__}; clearml {cle
 EOF
 device=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 
-if [ "$part" = speed ]; then
+if [ "$part" = attention ]; then
   quick=${SMALL:+--quick}
-  timeout 120 python3 -m components.benchmark_attention --device "$device" $quick \
+  timeout 150 python3 -m components.benchmark_attention --device "$device" $quick \
     --output-json "$OUT/attention.json" 2>&1 | grep -v ClearML | tee "$OUT/attention.log"
+elif [ "$part" = speed ]; then
+  if [ "$device" = cuda ]; then
+    timeout 90 python3 benchmarks/count_syncs.py --data "$DATA" 2>&1 | grep -v "ClearML\|train:" | tee "$OUT/syncs.log"
+  fi
   small=${SMALL:+--small}
-  timeout 220 python3 benchmarks/train_throughput.py --data "$DATA" $small --steps 20 --warmup 5 --component-epochs 6 \
+  timeout 420 python3 benchmarks/train_throughput.py --data "$DATA" $small --steps 20 --warmup 5 --component-epochs 30 \
     --output-json "$OUT/throughput.json" \
     2>&1 | grep -v "ClearML\|train:" | tee "$OUT/throughput.log"
 elif [ "$part" = recipe ]; then
@@ -37,7 +43,7 @@ elif [ "$part" = recipe ]; then
   preset=vit-ti16-224; extra=()
   if [ -n "${SMALL:-}" ]; then preset=smoke; extra=(--epochs 2); fi
   start=$(date +%s)
-  timeout 240 python3 -m components.train --data "$DATA" --preset $preset --output $run "${extra[@]}" 2>&1 \
+  timeout 330 python3 -m components.train --data "$DATA" --preset $preset --output $run "${extra[@]}" 2>&1 \
     | grep -v "ClearML" | tee "$OUT/train.log"
   echo "training wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/train.log"
   cp $run/train.json "$OUT/"
@@ -66,7 +72,7 @@ elif [ "$part" = ablate ]; then
 import json, sys
 preset, overrides, seconds = sys.argv[1:]
 trained, evaluated = (json.load(open(f"/tmp/ablate/{name}.json")) for name in ("train", "evaluate"))
-print(f"{preset}\t{overrides}\t{len(trained['train_loss'])}\t{evaluated['test_accuracy']:.4f}\t{seconds}")
+print(f"{preset}\t{overrides}\t{trained['epochs'][-1]}\t{evaluated['test_accuracy']:.4f}\t{seconds}")
 EOF
   done
   cat "$OUT/ablations.tsv"

@@ -1,5 +1,6 @@
 """benchmarks/train_throughput.py: its CPU setting runs every row it promises (timings are
-printed, never asserted), and its FLOP count agrees with an independent one."""
+printed, never asserted), and its FLOP count agrees with an independent one;
+benchmarks/count_syncs.py says plainly that it needs a GPU."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from components.tracking import child_environment
 from model import MODEL_PRESETS
@@ -46,7 +48,6 @@ def test_the_small_setting_prints_every_row(tmp_path):
 )
 def test_forward_flops_agree_with_torchs_flop_counter(preset, timm_name):
     import timm
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -60,3 +61,16 @@ def test_forward_flops_agree_with_torchs_flop_counter(preset, timm_name):
     assert forward_flops({**MODEL_PRESETS[preset], "n_classes": 1000}, 224) == pytest.approx(
         counter.get_total_flops(), rel=0.01
     )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU it would train")
+def test_count_syncs_says_it_needs_a_gpu():
+    run = subprocess.run(
+        [sys.executable, "benchmarks/count_syncs.py", "--data", "unused.zip"],
+        cwd=REPO,
+        env=child_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and "needs a CUDA device" in run.stderr
