@@ -18,12 +18,17 @@ from __future__ import annotations
 import math
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from components.presets import TrainConfig
+
+# Before any augmentation runs: an OpenCV thread pool started in the main process deadlocks the
+# loader processes forked from it (seen on the GPU machine), and they are faster single-threaded.
+cv2.setNumThreads(1)
 
 # RandAugment's operations (Cubuk et al. 2020) at a fixed, moderate magnitude. Geometric ones
 # are drawn as the inverse maps the warp needs (output -> input coordinates, the image

@@ -107,3 +107,11 @@ def test_mixed_targets_stay_distributions_weighted_by_what_was_mixed():
         share_of_own_image = soft[torch.arange(4), torch.arange(4)]  # image i is mixed with image 3 - i
         expected = (mixed - images.flip(0)) / (images - images.flip(0))
         assert torch.allclose(expected.mean((1, 2, 3)), share_of_own_image, atol=1e-5)
+
+
+def test_opencv_runs_single_threaded_so_forked_loader_processes_cannot_deadlock():
+    # On the GPU machine, loader processes forked after OpenCV had started its thread pool hung
+    # before the first batch; importing the trainer must leave OpenCV single-threaded.
+    import components.train  # noqa: F401
+
+    assert cv2.getNumThreads() == 1
