@@ -35,7 +35,7 @@ elif [ "$part" = speed ]; then
     timeout 90 python3 benchmarks/count_syncs.py --data "$DATA" 2>&1 | grep -v "ClearML\|train:" | tee "$OUT/syncs.log"
   fi
   small=${SMALL:+--small}
-  timeout 420 python3 benchmarks/train_throughput.py --data "$DATA" $small --steps 20 --warmup 5 --component-epochs 30 \
+  timeout 420 python3 benchmarks/train_throughput.py --data "$DATA" $small --steps 15 --warmup 3 --repeats 5 --component-epochs 30 \
     --output-json "$OUT/throughput.json" \
     2>&1 | grep -v "ClearML\|train:" | tee "$OUT/throughput.log"
 elif [ "$part" = recipe ]; then

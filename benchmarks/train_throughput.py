@@ -5,6 +5,7 @@ Rows, all measured in one run on whatever device is present:
 - model step: one training step (forward under bf16 autocast on a GPU, cross-entropy,
   backward, AdamW, fused on a GPU) on a fixed batch, eager and with torch.compile, for timm's
   VisionTransformer and for ours (``sdpa``, and ``separate`` eager, which still trains);
+  the variants take turns, and each row is the median of ``--repeats`` rounds;
 - data loader: the training component's loader processes and on-device augmentation alone,
   no model: the rate the model step must stay below for the loader never to be the
   bottleneck;
@@ -21,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,17 +75,11 @@ def build(impl: str, preset: str, image_size: int, n_classes: int) -> torch.nn.M
     return ViT(image_size=image_size, n_classes=n_classes, attention=impl, **config)
 
 
-def model_step_throughput(
-    impl: str,
-    preset: str,
-    compiled: bool,
-    batch_size: int,
-    image_size: int,
-    steps: int,
-    warmup: int,
-    device: torch.device,
-) -> float:
-    """Images/s of the training step alone, on one fixed batch."""
+def training_step(
+    impl: str, preset: str, compiled: bool, batch_size: int, image_size: int, device: torch.device
+) -> Callable[[], None]:
+    """One training step of a fresh model on one fixed batch: forward (bf16 autocast on a GPU),
+    cross-entropy, backward, AdamW (fused on a GPU)."""
     torch.manual_seed(0)
     model = build(impl, preset, image_size, n_classes=1000).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
@@ -99,16 +96,35 @@ def model_step_throughput(
         loss.backward()
         optimizer.step()
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch_size / (time.perf_counter() - started)
+    return step
+
+
+def round_robin_throughput(
+    steps_by_name: dict[str, Callable[[], None]],
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Median images/s of each step function over ``repeats`` rounds of ``steps`` steps, the
+    functions taking turns in every round, so that the GPU's clocks and temperature drifting
+    over the run do not favour whichever was timed first."""
+    for step in steps_by_name.values():
+        for _ in range(warmup):  # compilation, autotuning, allocator warm-up
+            step()
+    samples = {name: [] for name in steps_by_name}
+    for _ in range(repeats):
+        for name, step in steps_by_name.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            samples[name].append(steps * batch_size / (time.perf_counter() - started))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def loader_throughput(data: str, image_size: int, batch_size: int, batches: int, device: torch.device) -> float:
@@ -167,7 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="vit-ti16,vit-s16", help="model presets (default: vit-ti16,vit-s16)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per model-step row (default: 30)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per round of a model-step row (default: 30)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="rounds, model-step rows; the median counts (default: 5)"
+    )
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
     parser.add_argument("--loader-batches", type=int, default=100, help="timed batches, data-loader row (default: 100)")
     parser.add_argument("--component-epochs", type=int, default=8, help="epochs of the component rows (default: 8)")
@@ -181,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     if args.small:
         args.models, args.batch_size, args.image_size, args.steps, args.warmup = "vit-tiny-test", 8, 32, 3, 1
+        args.repeats = 2
         args.component_epochs, args.component_models, args.no_compile = 2, "vit-tiny-test", True
         args.loader_batches = 5
     peak = peak_flops(device)
@@ -218,15 +238,25 @@ def main(argv: list[str] | None = None) -> None:
         speed = loader_throughput(args.data, args.image_size, args.batch_size, args.loader_batches, device)
         add("data loader", "augment", None, False, speed)
     for preset in args.models.split(","):
-        for compiled in compile_modes:
-            impls = ["timm", "sdpa"] + ([] if compiled else ["separate"])
-            if preset not in TIMM_NAMES and not args.small:
-                impls.remove("timm")
-            for impl in impls:
-                speed = model_step_throughput(
-                    impl, preset, compiled, args.batch_size, args.image_size, args.steps, args.warmup, device
-                )
-                add("model step", impl, preset, compiled, speed)
+        variants = [
+            (impl, compiled)
+            for compiled in compile_modes
+            for impl in ["timm", "sdpa"] + ([] if compiled else ["separate"])
+            if impl != "timm" or preset in TIMM_NAMES or args.small
+        ]
+        speeds = round_robin_throughput(
+            {
+                (impl, compiled): training_step(impl, preset, compiled, args.batch_size, args.image_size, device)
+                for impl, compiled in variants
+            },
+            args.batch_size,
+            args.steps,
+            args.warmup,
+            args.repeats,
+            device,
+        )
+        for (impl, compiled), speed in speeds.items():
+            add("model step", impl, preset, compiled, speed)
         if args.data and preset in args.component_models.split(","):
             for compiled in compile_modes:
                 with tempfile.TemporaryDirectory() as scratch:
