@@ -65,9 +65,9 @@ HELP = {
     "validated and saved as best.pt (e.g. 0.998); 0 disables it",
     "compile": "torch.compile: auto (on a GPU), on or off",
     "workers": "data-loader processes; -1 picks by the machine",
-    "log_every": "steps between scalar reports (the only host-device synchronisations)",
+    "log_every": "steps between scalar reports (with validations, the only host-device synchronisations)",
     "validate_every": "epochs between validations (the last epoch always validates); checkpoints follow them",
-    "checkpoint_minutes": "least minutes between checkpoints (the last epoch always saves); 0 saves every epoch",
+    "checkpoint_minutes": "least minutes between checkpoints (the last epoch always saves); 0: at every validation",
     "seed": "random seed: initialisation, data order, augmentation, dropout",
 }
 

@@ -182,3 +182,14 @@ def test_position_embeddings_start_as_the_preset_says():
     assert build_model(preset("smoke"), n_classes=3).projector.pos_embed.std().item() == pytest.approx(0.02, rel=0.3)
     with pytest.raises(ValueError, match="pos_embed_init must be 'normal' or 'sincos'"):
         build_model(preset("smoke", pos_embed_init="fixed"), n_classes=3)
+
+
+def test_the_readme_lists_every_training_flag():
+    from dataclasses import fields
+
+    from components.presets import TrainConfig
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    missing = [f.name for f in fields(TrainConfig) if f"`--{f.name.replace('_', '-')}`" not in readme]
+    assert not missing, f"README.md does not list {missing}"
