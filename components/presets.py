@@ -22,7 +22,6 @@ class TrainConfig:
     grad_clip: float = 1.0
     dropout_rate: float = 0.0
     drop_path_rate: float = 0.1
-    pos_embed_init: str = "normal"
     crop_scale: float = 0.35
     hflip: bool = True
     rand_augment: int = 0
@@ -53,8 +52,6 @@ HELP = {
     "grad_clip": "maximum global gradient norm; 0 disables clipping",
     "dropout_rate": "dropout after attention, projections and MLP layers",
     "drop_path_rate": "stochastic depth rate of the last block (rising linearly from 0)",
-    "pos_embed_init": "initial position embeddings, learned either way: normal (N(0, 0.02), the paper's) or "
-    "sincos (2D sine-cosine, smooth in the grid)",
     "crop_scale": "smallest area fraction of RandomResizedCrop; 1 disables cropping",
     "hflip": "random horizontal flips (true/false)",
     "rand_augment": "operations per image from a RandAugment-style list; 0 disables",

@@ -35,7 +35,7 @@ from components.evaluate import accuracy, predict
 from components.plots import curves_figure, image_grid_figure
 from components.presets import TrainConfig, add_override_flags, overrides_from, preset
 from components.tracking import open_task
-from model import ViT, model_config, sincos_pos_embed
+from model import ViT, model_config
 
 
 class EpochBatches(Sampler):
@@ -70,7 +70,7 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int, steps_per_ep
 
 def build_model(config: TrainConfig, n_classes: int) -> ViT:
     overrides = {"patch_size": config.patch_size} if config.patch_size else {}
-    model = ViT(
+    return ViT(
         **model_config(
             config.model,
             image_size=config.image_size,
@@ -81,12 +81,6 @@ def build_model(config: TrainConfig, n_classes: int) -> ViT:
             **overrides,
         )
     )
-    if config.pos_embed_init == "sincos":
-        with torch.no_grad():
-            model.projector.pos_embed.copy_(sincos_pos_embed(model.projector.grid, model.config["embed_dim"]))
-    elif config.pos_embed_init != "normal":
-        raise ValueError(f"pos_embed_init must be 'normal' or 'sincos', got {config.pos_embed_init!r}")
-    return model
 
 
 def build_optimizer(model: ViT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:

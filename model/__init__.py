@@ -1,6 +1,6 @@
 """A Vision Transformer written from scratch (Dosovitskiy et al., 2020)."""
 
-from model.pos_embed import resize_pos_embed, sincos_pos_embed
+from model.pos_embed import resize_pos_embed
 from model.presets import MODEL_PRESETS, model_config
 from model.vit import (
     ATTENTION_IMPLEMENTATIONS,
@@ -25,5 +25,4 @@ __all__ = [
     "ViT",
     "model_config",
     "resize_pos_embed",
-    "sincos_pos_embed",
 ]

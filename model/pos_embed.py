@@ -39,20 +39,3 @@ def resize_pos_embed(
     patch_embed = F.interpolate(patch_embed, size=new_grid, mode=mode, antialias=antialias, align_corners=False)
     patch_embed = patch_embed.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim)
     return torch.cat([class_embed, patch_embed.to(pos_embed.dtype)], dim=1)
-
-
-def sincos_pos_embed(grid: tuple[int, int], dim: int) -> torch.Tensor:
-    """(1, 1 + h*w, D) 2D sine-cosine position embeddings (as MAE fixes them), a zero for the
-    class token: half the channels encode the row, half the column, each with sines and
-    cosines of D/4 frequencies from 1 to 1/10000 radians per patch. The fastest wave spans
-    2π patches, so interpolated to a finer grid they are the same waves sampled in between
-    (to within 0.02 away from the border for 14x14 -> 24x24)."""
-    if dim % 4:
-        raise ValueError(f"sine-cosine position embeddings need a width divisible by 4, got {dim}")
-    frequencies = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    rows, columns = torch.meshgrid(
-        torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
-    )
-    angles = [position.reshape(-1, 1) * frequencies for position in (rows, columns)]
-    patches = torch.cat([f(angle) for angle in angles for f in (torch.sin, torch.cos)], dim=1)
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), patches]).float()[None]

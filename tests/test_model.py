@@ -5,7 +5,7 @@ import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from model import ATTENTION_IMPLEMENTATIONS, MODEL_PRESETS, ViT, model_config, resize_pos_embed, sincos_pos_embed
+from model import ATTENTION_IMPLEMENTATIONS, MODEL_PRESETS, ViT, model_config, resize_pos_embed
 
 SMALL = dict(patch_size=16, embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0)
 
@@ -61,18 +61,6 @@ def test_resize_pos_embed_equals_timm(old_grid, new_grid, mode, antialias):
     assert ours.shape == (1, 1 + new_grid[0] * new_grid[1], 32)
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours[:, 0], pos_embed[:, 0], rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("grid, dim", [((14, 14), 192), ((6, 9), 128)])
-def test_sincos_pos_embed_equals_timms_and_gives_the_class_token_zero(grid, dim):
-    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
-
-    embed = sincos_pos_embed(grid, dim)
-    assert embed.shape == (1, 1 + grid[0] * grid[1], dim) and not embed[0, 0].any()
-    reference = build_sincos2d_pos_embed(list(grid), dim, interleave_sin_cos=True)  # [sin h, cos h, sin w, cos w]
-    assert torch.allclose(embed[0, 1:], reference, atol=1e-5)
-    with pytest.raises(ValueError, match="divisible by 4"):
-        sincos_pos_embed(grid, 130)
 
 
 def test_resize_pos_embed_to_the_same_grid_returns_the_input():

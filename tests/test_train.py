@@ -171,19 +171,6 @@ def test_a_terminated_run_stops_promptly_and_resumes_from_its_checkpoint(tmp_pat
     assert len(resumed["train_loss"]) == 60 and epoch < 59
 
 
-def test_position_embeddings_start_as_the_preset_says():
-    from components.train import build_model
-    from model import sincos_pos_embed
-
-    model = build_model(preset("smoke", pos_embed_init="sincos"), n_classes=3)
-    expected = sincos_pos_embed(model.projector.grid, model.config["embed_dim"])
-    assert torch.equal(model.projector.pos_embed.data, expected)
-    assert model.projector.pos_embed.requires_grad  # learned from there, as the paper's are
-    assert build_model(preset("smoke"), n_classes=3).projector.pos_embed.std().item() == pytest.approx(0.02, rel=0.3)
-    with pytest.raises(ValueError, match="pos_embed_init must be 'normal' or 'sincos'"):
-        build_model(preset("smoke", pos_embed_init="fixed"), n_classes=3)
-
-
 def test_the_readme_lists_every_training_flag():
     from dataclasses import fields
 
