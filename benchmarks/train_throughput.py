@@ -38,7 +38,7 @@ from components.augment import augment_on_device  # noqa: E402
 from components.data import decode_split, resolve  # noqa: E402
 from components.devices import pick_device  # noqa: E402
 from components.presets import preset as train_preset  # noqa: E402
-from components.train import train, training_batches  # noqa: E402
+from components.train import on_device, train, training_batches  # noqa: E402
 from model import MODEL_PRESETS, ViT  # noqa: E402
 from model.timm_convert import timm_vit  # noqa: E402
 
@@ -135,14 +135,10 @@ def loader_throughput(data: str, image_size: int, batch_size: int, batches: int,
     images, labels = decode_split(resolve(data), "train", image_size)
     loader = training_batches(images, labels, config, 0, device)
     warmup = 4 * loader.num_workers + 5
-    for count, (batch_images, _, geometry, boxes) in enumerate(loader):
+    for count, (images, _, geometry, boxes) in enumerate(on_device(loader, device)):
         if count == warmup:
             started = time.perf_counter()
-        augment_on_device(
-            batch_images.to(device, non_blocking=True),
-            geometry.to(device, non_blocking=True),
-            boxes.to(device, non_blocking=True),
-        )
+        augment_on_device(images, geometry, boxes)
         if count == warmup + batches:
             break
     if device.type == "cuda":
