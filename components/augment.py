@@ -38,6 +38,7 @@ ROTATE_DEGREES, SHEAR_DEGREES, TRANSLATE_FRACTION = 20.0, 15.0, 0.15
 
 
 def pixel_ops() -> list[A.BasicTransform]:
+    """RandAugment's operations that change pixel values but not where they are."""
     return [
         A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, p=1.0),
         A.Equalize(p=1.0),
