@@ -36,10 +36,13 @@ def test_smoke_training_learns_and_leaves_an_offline_session(smoke_run):
     assert saved["config"]["image_size"] == [32, 32] and len(saved["classes"]) == 10
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("validate_every", [1, 2])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, validate_every):
+    # Checkpoints follow validations: with validate_every=2 the run dies after epoch 2 too.
     data = str(make_layout(tmp_path / "data", per_split=(24, 4, 4)))
     settings = dict(
         epochs=3,
+        validate_every=validate_every,
         batch_size=16,
         dropout_rate=0.1,
         drop_path_rate=0.1,
@@ -67,6 +70,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert not list((tmp_path / "resumed" / "checkpoints").glob("*.tmp"))  # nothing half-written
 
     resumed = train(data, "smoke", tmp_path / "resumed", resume=True, **settings)
+    assert resumed["epochs"] == uninterrupted["epochs"] == ([1, 2, 3] if validate_every == 1 else [2, 3])
     assert resumed["train_loss"] == uninterrupted["train_loss"]
     assert resumed["val_accuracy"] == uninterrupted["val_accuracy"]
     full, again = checkpoints.load(uninterrupted["last_checkpoint"]), checkpoints.load(resumed["last_checkpoint"])
