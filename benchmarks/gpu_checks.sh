@@ -2,7 +2,7 @@
 # The GPU measurements behind benchmarks/RESULTS.md, as run on a lent H100 with no network.
 # Each part fits one 10-minute device call; speed and recipe together fit one 15-minute lease.
 #   bash benchmarks/gpu_checks.sh attention  # the separate/fused/sdpa sweep (about 2 minutes)
-#   bash benchmarks/gpu_checks.sh speed   # syncs per step, then training throughput (about 5)
+#   bash benchmarks/gpu_checks.sh speed   # syncs per step, training throughput, a profile (about 7)
 #   bash benchmarks/gpu_checks.sh recipe  # vit-ti16-224 from scratch, evaluate, highres at 384 (about 6)
 #   bash benchmarks/gpu_checks.sh ablate "--rand-augment 0" "--epochs 200" ...  # one run per override set
 # DATA is the Fashion-MNIST stand-in archive; OUT receives the logs and JSON results.
@@ -35,9 +35,12 @@ elif [ "$part" = speed ]; then
     timeout 90 python3 benchmarks/count_syncs.py --data "$DATA" 2>&1 | grep -v "ClearML\|train:" | tee "$OUT/syncs.log"
   fi
   small=${SMALL:+--small}
-  timeout 420 python3 benchmarks/train_throughput.py --data "$DATA" $small --steps 15 --warmup 3 --repeats 5 --component-epochs 30 \
+  timeout 360 python3 benchmarks/train_throughput.py --data "$DATA" $small --steps 15 --warmup 3 --repeats 5 --component-epochs 30 \
     --output-json "$OUT/throughput.json" \
     2>&1 | grep -v "ClearML\|train:" | tee "$OUT/throughput.log"
+  profiled=(); [ -n "${SMALL:-}" ] && profiled=(--preset smoke --epochs 2)
+  timeout 120 python3 benchmarks/profile_train.py --data "$DATA" "${profiled[@]}" 2>&1 \
+    | grep -v "ClearML\|train:\|USDT\|ERROR:" | tee "$OUT/profile.log"
 elif [ "$part" = recipe ]; then
   run=/tmp/recipe
   preset=vit-ti16-224; extra=()

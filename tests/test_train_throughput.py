@@ -1,6 +1,7 @@
 """benchmarks/train_throughput.py: its CPU setting runs every row it promises (timings are
 printed, never asserted), and its FLOP count agrees with an independent one;
-benchmarks/count_syncs.py says plainly that it needs a GPU."""
+benchmarks/count_syncs.py says plainly that it needs a GPU; benchmarks/profile_train.py runs on
+a CPU too."""
 
 from __future__ import annotations
 
@@ -74,3 +75,13 @@ def test_count_syncs_says_it_needs_a_gpu():
         timeout=120,
     )
     assert run.returncode == 2 and "needs a CUDA device" in run.stderr
+
+
+def test_profile_train_prints_the_busiest_operations(tmp_path):
+    from tests.conftest import make_layout
+
+    data = make_layout(tmp_path / "data", per_split=(16, 4, 4))
+    command = [sys.executable, "benchmarks/profile_train.py", "--data", str(data), "--preset", "smoke", "--epochs", "2"]
+    run = subprocess.run(command, cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Self CPU" in run.stdout and "images trained" in run.stdout
