@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # The GPU measurements behind benchmarks/RESULTS.md, as run on a lent H100 with no network.
-# Each part fits one 10-minute device call; speed and recipe together fit one 15-minute lease.
+# Each part fits one 10-minute device call; speed and recipe (about 6 minutes each) together
+# fit one 15-minute lease with the machine's start.
 #   bash benchmarks/gpu_checks.sh attention  # the separate/fused/sdpa sweep (about 2 minutes)
-#   bash benchmarks/gpu_checks.sh speed   # syncs per step, training throughput, a profile (about 7)
+#   bash benchmarks/gpu_checks.sh speed   # syncs per step, training throughput, a profile (about 6)
 #   bash benchmarks/gpu_checks.sh recipe  # vit-ti16-224 from scratch, evaluate, highres at 384 (about 6)
 #   bash benchmarks/gpu_checks.sh ablate "--rand-augment 0" "--epochs 200" ...  # one run per override set
 # DATA is the Fashion-MNIST stand-in archive; OUT receives the logs and JSON results.
 # SMALL=1 runs the same commands with tiny settings (a dry run on a CPU).
+# A machine without clearml and albumentations gets them from wheels in .whl/ (for its Python):
+# clearml, albumentations, albucore, furl, orderedmultidict, pathlib2, pyjwt, jsonschema,
+# jsonschema-specifications, referencing, rpds-py, stringzilla, simsimd, pydantic,
+# pydantic-core, annotated-types, typing-inspection (pip download --no-deps --only-binary=:all:).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?attention, speed, recipe or ablate}
@@ -35,10 +40,10 @@ elif [ "$part" = speed ]; then
     timeout 90 python3 benchmarks/count_syncs.py --data "$DATA" 2>&1 | grep -v "ClearML\|train:" | tee "$OUT/syncs.log"
   fi
   small=${SMALL:+--small}
-  timeout 360 python3 benchmarks/train_throughput.py --data "$DATA" $small --steps 15 --warmup 3 --repeats 5 --component-epochs 30 \
+  timeout 360 python3 benchmarks/train_throughput.py --data "$DATA" $small --steps 10 --warmup 3 --repeats 5 --component-epochs 20 \
     --output-json "$OUT/throughput.json" \
     2>&1 | grep -v "ClearML\|train:" | tee "$OUT/throughput.log"
-  profiled=(); [ -n "${SMALL:-}" ] && profiled=(--preset smoke --epochs 2)
+  profiled=(--epochs 6); [ -n "${SMALL:-}" ] && profiled=(--preset smoke --epochs 2)
   timeout 120 python3 benchmarks/profile_train.py --data "$DATA" "${profiled[@]}" 2>&1 \
     | grep -v "ClearML\|train:\|USDT\|ERROR:" | tee "$OUT/profile.log"
 elif [ "$part" = recipe ]; then
