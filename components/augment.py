@@ -78,10 +78,12 @@ def random_geometry(rng: np.random.Generator, config: TrainConfig, ops: list[str
     """The (2, 3) map from output to input coordinates (``F.affine_grid``'s ``theta``) of a
     random-resized crop, then a flip, then the given RandAugment ops."""
     width = height = 1.0
-    if config.crop_scale < 1:  # area fraction and aspect ratio as torchvision draws them
-        area = rng.uniform(config.crop_scale, 1.0)
+    for _ in range(10 if config.crop_scale < 1 else 0):  # as torchvision draws them: retried
+        area = rng.uniform(config.crop_scale, 1.0)  # until the crop fits, else the whole image
         aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        width, height = min(1.0, math.sqrt(area * aspect)), min(1.0, math.sqrt(area / aspect))
+        if area * aspect <= 1 and area / aspect <= 1:
+            width, height = math.sqrt(area * aspect), math.sqrt(area / aspect)
+            break
     center = rng.uniform(-1.0, 1.0, 2) * (1.0 - np.array([width, height]))
     crop = np.array([[width, 0.0, center[0]], [0.0, height, center[1]], [0.0, 0.0, 1.0]])
     flip = np.diag([-1.0 if config.hflip and rng.random() < 0.5 else 1.0, 1.0, 1.0])
