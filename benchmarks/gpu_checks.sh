@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu_checks.sh recipe  # vit-ti16-224 from scratch, evaluate, highres at 384 (about 6)
 #   bash benchmarks/gpu_checks.sh ablate "--rand-augment 0" "--epochs 200" ...  # one run per override set
 # DATA is the Fashion-MNIST stand-in archive; OUT receives the logs and JSON results.
+# DEADLINE (seconds since the epoch) cuts every step's time limit to what is left before it,
+# so that several parts run in one device call end inside the call's limit:
+#   DEADLINE=$(( $(date +%s) + 560 )); for part in recipe speed; do OUT=out/$part bash benchmarks/gpu_checks.sh $part; done
 # SMALL=1 runs the same commands with tiny settings (a dry run on a CPU).
 # A machine without clearml and albumentations gets them from wheels in .whl/ (for its Python):
 # clearml, albumentations, albucore, furl, orderedmultidict, pathlib2, pyjwt, jsonschema,
@@ -19,10 +22,16 @@ DATA=${DATA:-.device-data/fashion.zip}
 OUT=${OUT:-runs/gpu-checks}
 mkdir -p "$OUT"
 export CLEARML_OFFLINE_MODE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15 HEADGEAR_DATA_STORE=/tmp/headgear-store
-if [ -d .whl ] && [ -z "${SMALL:-}" ]; then  # packages the GPU image lacks, carried as wheels
+if [ -d .whl ] && [ -z "${SMALL:-}" ] && [ ! -d /tmp/site ]; then  # packages the GPU image lacks, carried as wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site || exit 1
+    || exit 1
 fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
+
+limit() {  # limit SECONDS: SECONDS, or less where DEADLINE comes sooner
+  local left=$(( ${DEADLINE:-0} - $(date +%s) ))
+  if [ -z "${DEADLINE:-}" ] || [ "$left" -ge "$1" ]; then echo "$1"; else echo $(( left > 1 ? left : 1 )); fi
+}
 python3 - <<'EOF' | tee "$OUT/versions.txt"
 import torch, timm, clearml, albumentations
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -33,32 +42,33 @@ device=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() els
 
 if [ "$part" = attention ]; then
   quick=${SMALL:+--quick}
-  timeout 150 python3 -m components.benchmark_attention --device "$device" $quick \
+  timeout "$(limit 150)" python3 -m components.benchmark_attention --device "$device" $quick \
     --output-json "$OUT/attention.json" 2>&1 | grep -v ClearML | tee "$OUT/attention.log"
 elif [ "$part" = speed ]; then
-  if [ "$device" = cuda ]; then
-    timeout 90 python3 benchmarks/count_syncs.py --data "$DATA" 2>&1 | grep -v "ClearML\|train:" | tee "$OUT/syncs.log"
-  fi
   small=${SMALL:+--small}
-  timeout 360 python3 benchmarks/train_throughput.py --data "$DATA" $small --steps 10 --warmup 3 --repeats 5 --component-epochs 20 \
+  timeout "$(limit 360)" python3 benchmarks/train_throughput.py --data "$DATA" $small --steps 10 --warmup 3 --repeats 3 --component-epochs 15 \
     --output-json "$OUT/throughput.json" \
     2>&1 | grep -v "ClearML\|train:" | tee "$OUT/throughput.log"
+  if [ "$device" = cuda ]; then
+    timeout "$(limit 90)" python3 benchmarks/count_syncs.py --data "$DATA" 2>&1 | grep -v "ClearML\|train:" | tee "$OUT/syncs.log"
+  fi
   profiled=(--epochs 6); [ -n "${SMALL:-}" ] && profiled=(--preset smoke --epochs 2)
-  timeout 120 python3 benchmarks/profile_train.py --data "$DATA" "${profiled[@]}" 2>&1 \
+  timeout "$(limit 120)" python3 benchmarks/profile_train.py --data "$DATA" "${profiled[@]}" 2>&1 \
     | grep -v "ClearML\|train:\|USDT\|ERROR:" | tee "$OUT/profile.log"
 elif [ "$part" = recipe ]; then
   run=/tmp/recipe
   preset=vit-ti16-224; extra=()
   if [ -n "${SMALL:-}" ]; then preset=smoke; extra=(--epochs 2); fi
   start=$(date +%s)
-  timeout 330 python3 -m components.train --data "$DATA" --preset $preset --output $run "${extra[@]}" 2>&1 \
+  timeout "$(limit 330)" python3 -m components.train --data "$DATA" --preset $preset --output $run "${extra[@]}" 2>&1 \
     | grep -v "ClearML" | tee "$OUT/train.log"
   echo "training wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/train.log"
   cp $run/train.json "$OUT/"
-  python3 -m components.evaluate --checkpoint $run/checkpoints/best.pt --data "$DATA" --output-json $run/eval/evaluate.json \
+  timeout "$(limit 60)" python3 -m components.evaluate --checkpoint $run/checkpoints/best.pt --data "$DATA" \
+    --output-json $run/eval/evaluate.json \
     2>&1 | grep -v ClearML | tee "$OUT/evaluate.log"
   size=384; [ -n "${SMALL:-}" ] && size=56
-  timeout 60 python3 -m components.highres --checkpoint $run/checkpoints/best.pt --data "$DATA" --image-size $size \
+  timeout "$(limit 90)" python3 -m components.highres --checkpoint $run/checkpoints/best.pt --data "$DATA" --image-size $size \
     --reference-json $run/eval/evaluate.json --output-json $run/eval/highres.json 2>&1 | grep -v ClearML \
     | tee "$OUT/highres.log"
   cp $run/eval/evaluate.json $run/eval/highres.json $run/eval/highres.pos_embed.png "$OUT/"  # 8 files come back
