@@ -6,8 +6,8 @@ Rows, all measured in one run on whatever device is present:
   backward, AdamW, fused on a GPU) on a fixed batch, eager and with torch.compile, for timm's
   VisionTransformer and for ours (``sdpa``, and ``separate`` eager, which still trains);
   the variants take turns, and each row is the median of ``--repeats`` rounds;
-- data loader: the training component's loader processes and on-device augmentation alone,
-  no model: the rate the model step must stay below for the loader never to be the
+- data loader: the training component's loader processes and its augmentation on the device
+  alone, no model: the rate the model step must stay below for the loader never to be the
   bottleneck;
 - training component: ``components.train`` end to end (data loader, augmentation, logging,
   validation, checkpoints) on a real archive, timed after its first epoch.
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.augment import augment_on_device  # noqa: E402
+from components.augment import augment  # noqa: E402
 from components.data import decode_split, resolve  # noqa: E402
 from components.devices import pick_device  # noqa: E402
 from components.presets import preset as train_preset  # noqa: E402
@@ -128,17 +128,18 @@ def round_robin_throughput(
 
 
 def loader_throughput(data: str, image_size: int, batch_size: int, batches: int, device: torch.device) -> float:
-    """Images/s of the training loader with the GPU recipe's augmentation, batches moved to the
-    device and augmented there, after the loader processes have started and drained their
-    first prefetched batches."""
+    """Images/s of the training loader and the GPU recipe's augmentation on the device, after
+    the loader processes have started and drained their first prefetched batches."""
     config = train_preset("vit-ti16-224", image_size=image_size, batch_size=batch_size, epochs=1_000_000)
-    images, labels = decode_split(resolve(data), "train", image_size)
-    loader = training_batches(images, labels, config, 0, device)
+    images = torch.from_numpy(decode_split(resolve(data), "train", image_size)[0]).to(device)
+    loader = training_batches(len(images), config, 0, device)
     warmup = 4 * loader.num_workers + 5
-    for count, (images, _, geometry, boxes) in enumerate(on_device(loader, device)):
+    for count, draws in enumerate(on_device(loader, device)):
         if count == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             started = time.perf_counter()
-        augment_on_device(images, geometry, boxes)
+        augment(images, draws)
         if count == warmup + batches:
             break
     if device.type == "cuda":

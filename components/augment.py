@@ -1,82 +1,102 @@
-"""Training augmentation, each part where it is cheapest.
+"""Training augmentation, all of it on the training device, batched.
 
-- In the data-loader processes (CPU, albumentations): RandAugment's pixel operations
-  (colour, equalise, posterise, ...), which cost about 0.1 ms an image, and every random
-  draw of the other parts, seeded by (seed, epoch, image) so that a resumed run sees exactly
-  the images an uninterrupted one would.
-- On the training device, batched: the geometry (random-resized crop, horizontal flip and
-  RandAugment's rotate/shear/translate) as one affine warp per image, random erasing, and
-  mixup/cutmix. Warping is what made the CPU the bottleneck (0.3-0.45 ms an image for each
-  OpenCV warp at 224); on a GPU a batch of warps costs well under a millisecond.
+The decoded training images stay on the training device (uint8, 150 KB an image at 224: a
+few hundred MB for these data sets). Loader processes only draw what happens to each image,
+seeded by (seed, epoch, image) so that a resumed run sees exactly the images an uninterrupted
+one would, and send those draws (about 100 bytes an image); `augment` then applies them to a
+batch at once:
 
-The pixel operations run before the geometric ones (RandAugment draws their order at random;
-a fixed order changes little and lets the warps run together).
+1. RandAugment (Cubuk et al. 2020): ``rand_augment`` of torchvision's 14 operations per
+   image, each at a random strength. A pixel operation runs on the images that drew it; the
+   geometric ones join
+2. the random-resized crop and the horizontal flip in one affine warp per image;
+3. random erasing (then, in `components.train`, mixup/cutmix: `mix`).
+
+Why on the device: sending 38 MB of augmented pixels a batch from loader processes through
+shared and pinned memory to the GPU held an H100 at 11,200 images/s, below the 14,600 of the
+model's own training step. The pixel operations run before the geometric ones (RandAugment
+draws their order at random; a fixed order changes little and lets the warps run together).
+Nothing here synchronises the host with the device.
 """
 
 from __future__ import annotations
 
 import math
+from itertools import product
+from typing import NamedTuple
 
-import albumentations as A
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
 from components.presets import TrainConfig
 
-# Before any augmentation runs: an OpenCV thread pool started in the main process deadlocks the
-# loader processes forked from it (seen on the GPU machine), and they are faster single-threaded.
-cv2.setNumThreads(1)
-
-# RandAugment's operations (Cubuk et al. 2020) at a fixed, moderate magnitude. Geometric ones
-# are drawn as the inverse maps the warp needs (output -> input coordinates, the image
-# spanning [-1, 1]); their ranges are symmetric, so the inverse of a drawn map is drawn alike.
-GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+# Strengths are drawn uniformly in [-1, 1] and scaled: at most these. Geometric ops are drawn as
+# the inverse maps the warp needs (output -> input coordinates, the image spanning [-1, 1]);
+# their ranges are symmetric, so the inverse of a drawn map is drawn alike.
 ROTATE_DEGREES, SHEAR_DEGREES, TRANSLATE_FRACTION = 20.0, 15.0, 0.15
+ENHANCE_STRENGTH = 0.4  # brightness, colour, contrast, sharpness: factors 0.6 to 1.4
+POSTERIZE_BITS = (4, 5, 6)
+SOLARIZE_THRESHOLD = 128
+
+GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+PIXEL_OPS = ("brightness", "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
+RAND_AUGMENT_OPS = ("identity", *GEOMETRIC_OPS, *PIXEL_OPS)  # torchvision's RandAugment list
 
 
-def pixel_ops() -> list[A.BasicTransform]:
-    """RandAugment's operations that change pixel values but not where they are."""
-    return [
-        A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, p=1.0),
-        A.Equalize(p=1.0),
-        A.AutoContrast(p=1.0),
-        A.Posterize(num_bits=(4, 6), p=1.0),
-        A.Solarize(p=1.0),
-        A.Sharpen(p=1.0),
-    ]
+class Draws(NamedTuple):
+    """What happens to a batch of B images; the tensors travel to the device, ``group_sizes``
+    stays on the host so that splitting ``groups`` by it needs no synchronisation."""
+
+    index: torch.Tensor  # int64 (B,): the images, rows of the split
+    strength: torch.Tensor  # float32 (B, N): of each image's N RandAugment operations, in [-1, 1]
+    geometry: torch.Tensor  # float32 (B, 2, 3): crop, flip, geometric operations as one map
+    box: torch.Tensor | None  # float32 (B, 4): erased (top, left, height, width) or zeros; None: no erasing
+    groups: torch.Tensor  # int64: batch positions grouped by (operation slot, pixel operation)
+    group_sizes: tuple[int, ...]  # N x len(PIXEL_OPS) sizes of those groups
 
 
-class AugmentedImages(Dataset):
-    """Decoded uint8 images (N, S, S, 3) -> per (epoch, index): the image (S, S, 3) after the
-    pixel operations, its label, its warp (2, 3) and its erased box (4,) (top, left, height,
-    width as fractions of the side; all zero for none), for `augment_on_device` (which skips
-    erasing for ``boxes=None`` when ``random_erasing`` is 0)."""
+class RandomDraws(Dataset):
+    """(epoch, index) -> that image's draws: its index, RandAugment operations (N,) and
+    strengths (N,), warp (2, 3) and erased box (4,) (top, left, height, width as fractions of
+    the side; all zero for none). `collate` makes a batch of them a `Draws`."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, config: TrainConfig):
-        self.images, self.labels, self.config = images, labels, config
-        self.pixel_ops = [A.Compose([op]) for op in pixel_ops()]
+    def __init__(self, size: int, config: TrainConfig):
+        self.size, self.config = size, config
 
     def __len__(self) -> int:
-        return len(self.images)
+        return self.size
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         epoch, index = key
         rng = np.random.default_rng([self.config.seed, epoch, index])
-        image = self.images[index]
-        ops = rng.permutation(len(GEOMETRIC_OPS) + len(self.pixel_ops))[: self.config.rand_augment]
-        for op in ops[ops >= len(GEOMETRIC_OPS)] - len(GEOMETRIC_OPS):
-            self.pixel_ops[op].set_random_seed(int(rng.integers(2**31)))
-            image = self.pixel_ops[op](image=image)["image"]
-        geometry = random_geometry(rng, self.config, [GEOMETRIC_OPS[op] for op in ops if op < len(GEOMETRIC_OPS)])
-        return image, self.labels[index], geometry, random_erasing_box(rng, self.config.random_erasing)
+        ops = rng.permutation(len(RAND_AUGMENT_OPS))[: self.config.rand_augment]
+        strength = rng.uniform(-1.0, 1.0, len(ops)).astype(np.float32)
+        geometric = [(RAND_AUGMENT_OPS[op], s) for op, s in zip(ops, strength) if RAND_AUGMENT_OPS[op] in GEOMETRIC_OPS]
+        geometry = random_geometry(rng, self.config, geometric)
+        return index, ops, strength, geometry, random_erasing_box(rng, self.config.random_erasing)
+
+    def collate(self, items: list[tuple]) -> Draws:
+        index, ops, strength, geometry, box = (torch.as_tensor(np.stack(part)) for part in zip(*items))
+        pixel_op_ids = [RAND_AUGMENT_OPS.index(op) for op in PIXEL_OPS]
+        groups = [
+            torch.nonzero(ops[:, slot] == op).flatten() for slot, op in product(range(ops.shape[1]), pixel_op_ids)
+        ]
+        return Draws(
+            index,
+            strength,
+            geometry,
+            box if self.config.random_erasing > 0 else None,
+            torch.cat(groups) if groups else torch.zeros(0, dtype=torch.int64),
+            tuple(len(group) for group in groups),
+        )
 
 
-def random_geometry(rng: np.random.Generator, config: TrainConfig, ops: list[str]) -> np.ndarray:
+def random_geometry(rng: np.random.Generator, config: TrainConfig, ops: list[tuple[str, float]]) -> np.ndarray:
     """The (2, 3) map from output to input coordinates (``F.affine_grid``'s ``theta``) of a
-    random-resized crop, then a flip, then the given RandAugment ops."""
+    random-resized crop, then a flip, then the given geometric operations at their strengths."""
     width = height = 1.0
     for _ in range(10 if config.crop_scale < 1 else 0):  # as torchvision draws them: retried
         area = rng.uniform(config.crop_scale, 1.0)  # until the crop fits, else the whole image
@@ -88,21 +108,20 @@ def random_geometry(rng: np.random.Generator, config: TrainConfig, ops: list[str
     crop = np.array([[width, 0.0, center[0]], [0.0, height, center[1]], [0.0, 0.0, 1.0]])
     flip = np.diag([-1.0 if config.hflip and rng.random() < 0.5 else 1.0, 1.0, 1.0])
     theta = crop @ flip
-    for op in ops:
-        theta = theta @ _geometric_op(op, rng)
+    for op, strength in ops:
+        theta = theta @ _geometric_op(op, strength)
     return theta[:2].astype(np.float32)
 
 
-def _geometric_op(op: str, rng: np.random.Generator) -> np.ndarray:
+def _geometric_op(op: str, strength: float) -> np.ndarray:
     matrix = np.eye(3)
     if op == "rotate":
-        angle = math.radians(rng.uniform(-ROTATE_DEGREES, ROTATE_DEGREES))
+        angle = math.radians(strength * ROTATE_DEGREES)
         matrix[:2, :2] = [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
     elif op.startswith("shear"):
-        shear = math.tan(math.radians(rng.uniform(-SHEAR_DEGREES, SHEAR_DEGREES)))
-        matrix[(0, 1) if op == "shear_x" else (1, 0)] = shear
+        matrix[(0, 1) if op == "shear_x" else (1, 0)] = math.tan(math.radians(strength * SHEAR_DEGREES))
     else:
-        matrix[0 if op == "translate_x" else 1, 2] = 2 * rng.uniform(-TRANSLATE_FRACTION, TRANSLATE_FRACTION)
+        matrix[0 if op == "translate_x" else 1, 2] = 2 * strength * TRANSLATE_FRACTION
     return matrix
 
 
@@ -118,11 +137,28 @@ def random_erasing_box(rng: np.random.Generator, probability: float) -> np.ndarr
     return box
 
 
-def augment_on_device(images: torch.Tensor, geometry: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
-    """uint8 images (B, S, S, 3), warps (B, 2, 3) and erased boxes (B, 4) or None -> float model
-    input (B, 3, S, S) in [-1, 1]; erased boxes hold random pixels. Runs on whatever device the
-    tensors are on, without a host-device synchronisation."""
-    pixels = images.permute(0, 3, 1, 2).contiguous().float()
+def augment(images: torch.Tensor, draws: Draws) -> torch.Tensor:
+    """uint8 images (N, S, S, 3) of the whole split and a batch's draws, both on the device ->
+    float model input (B, 3, S, S) in [-1, 1]."""
+    batch = images.index_select(0, draws.index).permute(0, 3, 1, 2).contiguous()
+    return warp(rand_augment_pixels(batch, draws), draws.geometry, draws.box)
+
+
+def rand_augment_pixels(batch: torch.Tensor, draws: Draws) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> the same after each image's pixel operations, in its drawn order;
+    each operation runs once per slot, on the images that drew it."""
+    slots = range(len(draws.group_sizes) // len(PIXEL_OPS))
+    for (slot, op), positions in zip(product(slots, PIXEL_OPS), draws.groups.split(draws.group_sizes)):
+        if len(positions):
+            strength = draws.strength[:, slot].index_select(0, positions)
+            batch.index_copy_(0, positions, PIXEL_OP_FUNCTIONS[op](batch.index_select(0, positions), strength))
+    return batch
+
+
+def warp(pixels: torch.Tensor, geometry: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
+    """uint8 (B, 3, S, S), warps (B, 2, 3) and erased boxes (B, 4) or None -> float model input
+    (B, 3, S, S) in [-1, 1]; erased boxes hold random pixels."""
+    pixels = pixels.float()
     grid = F.affine_grid(geometry.float(), list(pixels.shape), align_corners=False)
     warped = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     x = warped.div_(127.5).sub_(1.0)
@@ -134,6 +170,71 @@ def augment_on_device(images: torch.Tensor, geometry: torch.Tensor, boxes: torch
     columns = (side >= left[:, None]) & (side < (left + width)[:, None])
     erased = (rows[:, :, None] & columns[:, None, :])[:, None]
     return torch.where(erased, torch.rand_like(x).mul_(2.0).sub_(1.0), x)
+
+
+# --- RandAugment's pixel operations: uint8 images (b, 3, S, S) and strengths (b,) in [-1, 1] ---
+# torchvision's formulas (the tests hold them to torchvision's own functions), with a factor or
+# parameter per image instead of one per call.
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    ratio = (1.0 + ENHANCE_STRENGTH * strength).view(-1, 1, 1, 1)
+    return (images * ratio + other * (1.0 - ratio)).clamp_(0, 255).to(torch.uint8)
+
+
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    red, green, blue = images.float().unbind(1)
+    return (red * 0.2989 + green * 0.587 + blue * 0.114).floor_().unsqueeze(1)
+
+
+def brightness(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    return _blend(images, torch.zeros((), device=images.device), strength)
+
+
+def color(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    return _blend(images, _gray(images), strength)
+
+
+def contrast(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    return _blend(images, _gray(images).mean((1, 2, 3), keepdim=True), strength)
+
+
+def sharpness(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """Blends the inside of the image with its 3x3 smoothing ([[1, 1, 1], [1, 5, 1], [1, 1, 1]]
+    / 13); the outermost pixels stay."""
+    kernel = torch.ones(3, 3, device=images.device).index_put_((torch.tensor(1), torch.tensor(1)), torch.tensor(5.0))
+    smoothed = F.conv2d(images.float(), (kernel / 13).expand(3, 1, 3, 3), groups=3).round_()
+    inside = images[..., 1:-1, 1:-1]
+    output = images.clone()
+    output[..., 1:-1, 1:-1] = _blend(inside, smoothed, strength)
+    return output
+
+
+def posterize(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    levels = len(POSTERIZE_BITS)
+    bits = POSTERIZE_BITS[0] + ((strength + 1.0) * (levels / 2)).floor().clamp(max=levels - 1).to(torch.int32)
+    mask = (256 - torch.pow(2, 8 - bits)).to(torch.uint8)  # the top `bits` bits
+    return images & mask.view(-1, 1, 1, 1)
+
+
+def solarize(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    return torch.where(images >= SOLARIZE_THRESHOLD, 255 - images, images)
+
+
+def autocontrast(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """Each channel stretched to span 0 to 255 (a constant channel stays)."""
+    pixels = images.float()
+    low, high = pixels.amin((2, 3), keepdim=True), pixels.amax((2, 3), keepdim=True)
+    flat = high == low
+    scale = torch.where(flat, 1.0, 255.0 / (high - low))
+    return ((pixels - torch.where(flat, 0.0, low)) * scale).clamp_(0, 255).to(torch.uint8)
+
+
+def equalize(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    return TF.equalize(images)  # batched, per image and channel, without synchronisations
+
+
+PIXEL_OP_FUNCTIONS = {op: globals()[op] for op in PIXEL_OPS}
 
 
 def mix(images: torch.Tensor, targets: torch.Tensor, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:

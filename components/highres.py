@@ -29,14 +29,14 @@ from tqdm import tqdm
 
 from components import checkpoints
 from components.atomic import write_json
-from components.augment import AugmentedImages, augment_on_device
+from components.augment import RandomDraws, augment
 from components.data import DataError, decode_split, resolve, to_input
 from components.devices import pick_device
 from components.evaluate import accuracy, predict
 from components.plots import grouped_bars_figure, similarity_figure
 from components.presets import TrainConfig
 from components.tracking import open_task
-from components.train import EpochBatches, learning_rate
+from components.train import EpochBatches, learning_rate, on_device
 from model import ViT
 
 
@@ -52,26 +52,27 @@ def finetune(
     clipping, the training run's crop and flip; returns the loss of every step."""
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
-    augmented = AugmentedImages(images, labels, config)
+    images, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+    draws = RandomDraws(len(images), config)
     sampler = EpochBatches(len(images), config.batch_size, 0, 1_000_000, config.seed)
-    loader = DataLoader(augmented, batch_sampler=sampler, num_workers=0)
+    loader = DataLoader(draws, batch_sampler=sampler, collate_fn=draws.collate, pin_memory=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     losses = []
-    batches = tqdm(loader, total=steps, desc="fine-tune", unit="step")
-    for step, (batch_images, batch_labels, geometry, _) in enumerate(batches):
+    batches = tqdm(on_device(loader, device), total=steps, desc="fine-tune", unit="step")
+    for step, batch in enumerate(batches):
         if step == steps:
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step, steps, steps_per_epoch=1)
         with autocast:
-            logits = model(augment_on_device(batch_images.to(device), geometry.to(device), None))
-        loss = F.cross_entropy(logits.float(), batch_labels.to(device))
+            logits = model(augment(images, batch))
+        loss = F.cross_entropy(logits.float(), labels.index_select(0, batch.index))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or 1.0)
         optimizer.step()
-        losses.append(loss.item())
-    return losses
+        losses.append(loss.detach())
+    return torch.stack(losses).tolist()  # read once: no synchronisation per step
 
 
 def _patch_grid(model: ViT) -> np.ndarray:

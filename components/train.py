@@ -2,9 +2,9 @@
 
 AdamW with linear warm-up and cosine decay, label smoothing, RandAugment, random erasing,
 mixup/cutmix, gradient clipping, bf16 autocast and torch.compile on a GPU. Images are decoded
-once and kept in memory; `components.augment` splits their augmentation between the loader
-processes and the device, seeded by (seed, epoch, image) so that a resumed run sees exactly
-the images an uninterrupted one would.
+once and kept on the training device; loader processes draw each image's augmentation, seeded
+by (seed, epoch, image) so that a resumed run sees exactly the images an uninterrupted one
+would, and `components.augment` applies the draws there, a batch at a time.
 
     python -m components.train --data runs/data/<version> --preset smoke --output runs/train
 """
@@ -20,7 +20,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import get_ema_multi_avg_fn
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 from components import checkpoints
 from components.atomic import write_json
-from components.augment import AugmentedImages, augment_on_device, mix
+from components.augment import Draws, RandomDraws, augment, mix
 from components.data import DataError, decode_split, from_input, resolve
 from components.devices import pick_device
 from components.evaluate import accuracy, predict
@@ -60,32 +59,36 @@ class EpochBatches(Sampler):
                 yield [(epoch, int(i)) for i in order[step * self.batch_size : (step + 1) * self.batch_size]]
 
 
-def on_device(batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
-    """The loader's (pinned) batches, moved to ``device``. On a GPU each batch is copied on a
-    side stream while the training stream still works on the previous one: a copy on the
-    training stream itself (38 MB of uint8 a batch at 224, about 2 ms over PCIe) would stall
-    every step."""
+def on_device(batches: Iterable[Draws], device: torch.device) -> Iterator[Draws]:
+    """The loader's (pinned) draws with their tensors moved to ``device``. On a GPU each batch is
+    copied on a side stream while the training stream still works on the previous one, so that
+    the step never waits for a copy."""
     if device.type != "cuda":
-        yield from (tuple(tensor.to(device) for tensor in batch) for batch in batches)
+        yield from (_moved(draws, device) for draws in batches)
         return
     copies = torch.cuda.Stream(device)
     batches = iter(batches)
 
-    def copy_next() -> tuple[torch.Tensor, ...] | None:
-        batch = next(batches, None)
-        if batch is None:
+    def copy_next() -> Draws | None:
+        draws = next(batches, None)
+        if draws is None:
             return None
         with torch.cuda.stream(copies):
-            return tuple(tensor.to(device, non_blocking=True) for tensor in batch)
+            return _moved(draws, device)
 
     upcoming = copy_next()
     while upcoming is not None:
         training = torch.cuda.current_stream(device)
         training.wait_stream(copies)  # the batch is there before the step reads it
-        for tensor in upcoming:
-            tensor.record_stream(training)  # and its memory is not reused while the step runs
+        for part in upcoming:
+            if isinstance(part, torch.Tensor):
+                part.record_stream(training)  # and its memory is not reused while the step runs
         ready, upcoming = upcoming, copy_next()  # this copy overlaps the step on `ready`
         yield ready
+
+
+def _moved(draws: Draws, device: torch.device) -> Draws:
+    return Draws(*(part.to(device, non_blocking=True) if isinstance(part, torch.Tensor) else part for part in draws))
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
@@ -137,18 +140,19 @@ def _single_threaded_worker(_worker_id: int) -> None:
 def _workers(config: TrainConfig, device: torch.device) -> int:
     if config.workers >= 0:
         return config.workers
-    return 0 if device.type == "cpu" else min(16, max(0, (os.cpu_count() or 1) - 2))
+    # Drawing costs about 30 us an image: a few processes outpace any GPU's training step.
+    return 0 if device.type == "cpu" else min(4, max(0, (os.cpu_count() or 1) - 2))
 
 
-def training_batches(
-    images: np.ndarray, labels: np.ndarray, config: TrainConfig, first_epoch: int, device: torch.device
-) -> DataLoader:
-    """Batches (uint8 images, labels, warps, erased boxes) of epochs [first_epoch, epochs), for
-    `augment_on_device`, from loader processes that live for the whole run."""
+def training_batches(size: int, config: TrainConfig, first_epoch: int, device: torch.device) -> DataLoader:
+    """The `Draws` of the batches of epochs [first_epoch, epochs) of a split of ``size`` images,
+    for `augment`, from loader processes that live for the whole run."""
     workers = _workers(config, device)
+    draws = RandomDraws(size, config)
     return DataLoader(
-        AugmentedImages(images, labels, config),
-        batch_sampler=EpochBatches(len(images), config.batch_size, first_epoch, config.epochs, config.seed),
+        draws,
+        batch_sampler=EpochBatches(size, config.batch_size, first_epoch, config.epochs, config.seed),
+        collate_fn=draws.collate,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
@@ -180,7 +184,9 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         config = TrainConfig(**{k: v for k, v in params.items() if k not in ("data", "preset")})
         dataset = resolve(params["data"])
         classes = dataset.classes
-        train_images, train_labels = decode_split(dataset, "train", config.image_size)
+        train_images, train_labels = (
+            torch.from_numpy(array).to(device) for array in decode_split(dataset, "train", config.image_size)
+        )  # on the device for the whole run: its augmentation runs there
         valid_images, valid_labels = decode_split(dataset, "valid", config.image_size)
 
         torch.manual_seed(config.seed)
@@ -202,14 +208,15 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         use_compile = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
         forward = torch.compile(model) if use_compile else model
 
-        loader = training_batches(train_images, train_labels, config, first_epoch, device)
-        augmented, sampler = loader.dataset, loader.batch_sampler
+        loader = training_batches(len(train_images), config, first_epoch, device)
+        draws, sampler = loader.dataset, loader.batch_sampler
         if first_epoch == 0:
-            sample = [augmented[(0, i)] for i in range(min(16, len(augmented)))]
-            images, labels, geometry, boxes = (torch.as_tensor(np.stack(part)) for part in zip(*sample))
+            sample = _moved(draws.collate([draws[(0, i)] for i in range(min(16, len(draws)))]), device)
             tracker.figure(
                 "augmented training images",
-                image_grid_figure(from_input(augment_on_device(images, geometry, boxes)), [classes[i] for i in labels]),
+                image_grid_figure(
+                    from_input(augment(train_images, sample)), [classes[i] for i in train_labels[sample.index].tolist()]
+                ),
             )
 
         valid_images = torch.from_numpy(valid_images).to(device)  # uploaded once
@@ -223,14 +230,14 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         window_start, window_images = time.perf_counter(), 0
         saved_at, timed_from = time.monotonic(), None
         model.train()
-        for batch_images, labels, geometry, boxes in on_device(loader, device):
+        for batch in on_device(loader, device):
             epoch = step // steps_per_epoch
             if step % steps_per_epoch == 0:
                 torch.manual_seed(config.seed * 10_007 + epoch)  # dropout, drop path, erasing, mixup: per epoch
             lr = learning_rate(config, step, total_steps, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = augment_on_device(batch_images, geometry, boxes if config.random_erasing else None)
+            images, labels = augment(train_images, batch), train_labels.index_select(0, batch.index)
             targets = F.one_hot(labels, len(classes)).float()
             targets = targets * (1 - config.label_smoothing) + config.label_smoothing / len(classes)
             images, targets = mix(images, targets, config)

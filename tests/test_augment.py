@@ -1,5 +1,6 @@
-"""augment: the loader's part is a function of (seed, epoch, image); the device's warp is the
-one OpenCV computes for the same map; crops stay inside the image; erased boxes are random pixels."""
+"""augment: the draws are a function of (seed, epoch, image); the pixel operations are
+torchvision's, per image; the warp is the one OpenCV computes for the same map; crops stay
+inside the image; erased boxes are random pixels."""
 
 from __future__ import annotations
 
@@ -7,53 +8,115 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 
-from components.augment import AugmentedImages, augment_on_device, mix
+from components.augment import (
+    ENHANCE_STRENGTH,
+    PIXEL_OP_FUNCTIONS,
+    PIXEL_OPS,
+    POSTERIZE_BITS,
+    RAND_AUGMENT_OPS,
+    SOLARIZE_THRESHOLD,
+    RandomDraws,
+    augment,
+    mix,
+    rand_augment_pixels,
+    warp,
+)
 from components.data import to_input
 from components.presets import preset
 
-IMAGES = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
+IMAGES = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8))
 
 
-def augmented(**settings) -> AugmentedImages:
-    return AugmentedImages(IMAGES, np.arange(len(IMAGES)), preset("smoke", **settings))
+def random_draws(**settings) -> RandomDraws:
+    return RandomDraws(len(IMAGES), preset("smoke", **settings))
 
 
-def on_device(items: list) -> torch.Tensor:
-    images, _, geometry, boxes = (torch.as_tensor(np.stack(part)) for part in zip(*items))
-    return augment_on_device(images, geometry, boxes)
+def batch(draws: RandomDraws, epoch: int = 0, indices: list[int] | None = None):
+    return draws.collate([draws[(epoch, i)] for i in (range(len(IMAGES)) if indices is None else indices)])
 
 
-def test_augmentation_is_a_function_of_seed_epoch_and_image():
-    views = augmented(rand_augment=2, random_erasing=0.5)
-    image, label, geometry, box = views[(3, 1)]
-    assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and label == 1
-    assert geometry.shape == (2, 3) and box.shape == (4,)
-    again = augmented(rand_augment=2, random_erasing=0.5)[(3, 1)]  # a fresh copy, as in another process
-    assert all(np.array_equal(a, b) for a, b in zip(views[(3, 1)], again))
-    assert not np.array_equal(views[(4, 1)][2], geometry)  # another epoch: another view
-    assert not np.array_equal(augmented(rand_augment=2, random_erasing=0.5, seed=1)[(3, 1)][2], geometry)
+def test_draws_are_a_function_of_seed_epoch_and_image():
+    draws = random_draws(rand_augment=2, random_erasing=0.5)
+    index, ops, strength, geometry, box = draws[(3, 1)]
+    assert index == 1 and ops.shape == strength.shape == (2,) and geometry.shape == (2, 3) and box.shape == (4,)
+    again = random_draws(rand_augment=2, random_erasing=0.5)[(3, 1)]  # a fresh copy, as in another process
+    assert all(np.array_equal(a, b) for a, b in zip(draws[(3, 1)], again))
+    assert not np.array_equal(draws[(4, 1)][3], geometry)  # another epoch: another view
+    assert not np.array_equal(random_draws(rand_augment=2, random_erasing=0.5, seed=1)[(3, 1)][3], geometry)
 
 
 def test_without_augmentation_the_input_is_the_image():
-    views = augmented(crop_scale=1.0, hflip=False, rand_augment=0, random_erasing=0.0)
-    items = [views[(0, i)] for i in range(len(IMAGES))]
-    assert all(np.array_equal(image, original) for (image, *_), original in zip(items, IMAGES))
-    assert torch.allclose(on_device(items), to_input(torch.from_numpy(IMAGES)), atol=1e-5)
-    images, _, geometry, _ = (torch.as_tensor(np.stack(part)) for part in zip(*items))
-    assert torch.equal(augment_on_device(images, geometry, None), on_device(items))  # None: no erasing at all
+    draws = random_draws(crop_scale=1.0, hflip=False, rand_augment=0, random_erasing=0.0)
+    order = [5, 2, 7, 0]
+    drawn = batch(draws, indices=order)
+    assert drawn.box is None and drawn.group_sizes == ()  # nothing to erase, no operations to run
+    assert torch.allclose(augment(IMAGES, drawn), to_input(IMAGES[order]), atol=1e-5)
+
+
+def test_each_batch_position_is_in_the_group_of_each_pixel_operation_it_drew():
+    draws = random_draws(rand_augment=3)
+    drawn = batch(draws, epoch=2)
+    groups = drawn.groups.split(drawn.group_sizes)
+    slots_and_ops = [(slot, op) for slot in range(3) for op in PIXEL_OPS]
+    for position in range(len(IMAGES)):
+        drawn_ops = [RAND_AUGMENT_OPS[op] for op in draws[(2, position)][1]]
+        for (slot, op), group in zip(slots_and_ops, groups, strict=True):
+            assert (position in group.tolist()) == (drawn_ops[slot] == op)
+
+
+def torchvision_reference(op: str, image: torch.Tensor, strength: float) -> torch.Tensor:
+    factor = 1 + ENHANCE_STRENGTH * strength
+    bits = POSTERIZE_BITS[min(int((strength + 1) * len(POSTERIZE_BITS) / 2), len(POSTERIZE_BITS) - 1)]
+    return {
+        "brightness": lambda: TF.adjust_brightness(image, factor),
+        "color": lambda: TF.adjust_saturation(image, factor),
+        "contrast": lambda: TF.adjust_contrast(image, factor),
+        "sharpness": lambda: TF.adjust_sharpness(image, factor),
+        "posterize": lambda: TF.posterize(image, bits),
+        "solarize": lambda: TF.solarize(image, SOLARIZE_THRESHOLD),
+        "autocontrast": lambda: TF.autocontrast(image),
+        "equalize": lambda: TF.equalize(image),
+    }[op]()
+
+
+@pytest.mark.parametrize("op", PIXEL_OPS)
+def test_pixel_operations_are_torchvisions_with_a_strength_per_image(op):
+    # torchvision's functions, one image and one factor a call, are the independent reference.
+    images = IMAGES.permute(0, 3, 1, 2).contiguous()
+    images[0, 1] = 77  # a constant channel: autocontrast and equalize leave it
+    strength = torch.linspace(-1, 1, len(images))
+    ours = PIXEL_OP_FUNCTIONS[op](images, strength)
+    assert ours.dtype == torch.uint8 and ours.shape == images.shape
+    for image, value, result in zip(images, strength.tolist(), ours):
+        reference = torchvision_reference(op, image, value)
+        assert (result.int() - reference.int()).abs().max() <= 1  # float rounding of the blends
+
+
+def test_pixel_operations_run_in_each_images_drawn_order():
+    draws = random_draws(rand_augment=3)
+    for epoch in range(3):
+        drawn = batch(draws, epoch)
+        ours = rand_augment_pixels(IMAGES.permute(0, 3, 1, 2).contiguous(), drawn)
+        for position in range(len(IMAGES)):
+            _, ops, strength, _, _ = draws[(epoch, position)]
+            expected = IMAGES[position].permute(2, 0, 1)[None]
+            for op, value in zip(ops, strength):
+                if RAND_AUGMENT_OPS[op] in PIXEL_OPS:
+                    expected = PIXEL_OP_FUNCTIONS[RAND_AUGMENT_OPS[op]](expected, torch.tensor([value]))
+            assert torch.equal(ours[position], expected[0])
 
 
 @pytest.mark.parametrize("epoch", range(4))
 def test_the_device_warp_equals_opencvs_for_the_same_map(epoch):
     # OpenCV is the independent reference: the map, turned from [-1, 1] coordinates into
     # pixels, warps each image alike (up to OpenCV's 5-bit interpolation weights).
-    views = augmented(crop_scale=0.35, rand_augment=2, random_erasing=0.0)
-    items = [views[(epoch, i)] for i in range(len(IMAGES))]
-    warped = ((on_device(items) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+    drawn = batch(random_draws(crop_scale=0.35, rand_augment=2), epoch)
+    warped = ((warp(IMAGES.permute(0, 3, 1, 2), drawn.geometry, None) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
     side = IMAGES.shape[1]
     to_normalised = np.array([[2 / side, 0, 1 / side - 1], [0, 2 / side, 1 / side - 1], [0, 0, 1]])
-    for (image, _, geometry, _), ours in zip(items, warped):
+    for image, geometry, ours in zip(IMAGES.numpy(), drawn.geometry.numpy(), warped):
         to_pixels = np.linalg.inv(to_normalised) @ np.vstack([geometry, [0, 0, 1]]) @ to_normalised
         reference = cv2.warpAffine(
             image.astype(np.float32),
@@ -68,8 +131,8 @@ def test_the_device_warp_equals_opencvs_for_the_same_map(epoch):
 
 
 def test_crops_stay_inside_the_image_and_half_are_flipped():
-    views = augmented(crop_scale=0.2, rand_augment=0)
-    geometry = np.stack([views[(epoch, i)][2] for epoch in range(50) for i in range(len(IMAGES))])
+    draws = random_draws(crop_scale=0.2, rand_augment=0)
+    geometry = np.stack([draws[(epoch, i)][3] for epoch in range(50) for i in range(len(IMAGES))])
     corners = np.array([[-1, -1, 1], [-1, 1, 1], [1, -1, 1], [1, 1, 1]], dtype=np.float32).T
     assert np.all(np.abs(geometry @ corners) <= 1 + 1e-6)
     scale = np.abs(geometry[:, 0, 0] * geometry[:, 1, 1])  # the crop's area fraction
@@ -78,17 +141,17 @@ def test_crops_stay_inside_the_image_and_half_are_flipped():
 
 
 def test_erased_boxes_are_random_pixels_and_the_rest_is_untouched():
-    views = augmented(crop_scale=1.0, hflip=False, rand_augment=0, random_erasing=0.5)
-    items = [views[(epoch, i)] for epoch in range(25) for i in range(len(IMAGES))]
-    boxes = np.stack([box for *_, box in items])
+    draws = random_draws(crop_scale=1.0, hflip=False, rand_augment=0, random_erasing=0.5)
+    indices = [i for _ in range(25) for i in range(len(IMAGES))]
+    drawn = draws.collate([draws[(epoch, i)] for epoch in range(25) for i in range(len(IMAGES))])
+    boxes = drawn.box.numpy()
     erased = boxes[:, 2] > 0
     assert 0.35 < erased.mean() < 0.65
     area = boxes[erased, 2] * boxes[erased, 3]
     assert area.min() >= 0.02 - 1e-6 and area.max() <= 1 / 3 + 1e-6
     torch.manual_seed(0)
-    inputs = on_device(items)
-    clean = to_input(torch.from_numpy(np.stack([image for image, *_ in items])))
-    changed = (inputs - clean).abs().amax(1) > 1e-4  # (N, S, S)
+    inputs = augment(IMAGES, drawn)
+    changed = (inputs - to_input(IMAGES[indices])).abs().amax(1) > 1e-4  # (N, S, S)
     side = IMAGES.shape[1]
     for index in np.flatnonzero(erased)[:20]:
         top, left, height, width = (np.round(boxes[index] * side)).astype(int)
@@ -107,11 +170,3 @@ def test_mixed_targets_stay_distributions_weighted_by_what_was_mixed():
         share_of_own_image = soft[torch.arange(4), torch.arange(4)]  # image i is mixed with image 3 - i
         expected = (mixed - images.flip(0)) / (images - images.flip(0))
         assert torch.allclose(expected.mean((1, 2, 3)), share_of_own_image, atol=1e-5)
-
-
-def test_opencv_runs_single_threaded_so_forked_loader_processes_cannot_deadlock():
-    # On the GPU machine, loader processes forked after OpenCV had started its thread pool hung
-    # before the first batch; importing the trainer must leave OpenCV single-threaded.
-    import components.train  # noqa: F401
-
-    assert cv2.getNumThreads() == 1
