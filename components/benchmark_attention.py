@@ -83,7 +83,7 @@ def build_modules(scope: str, width: str, image_size: int, device: torch.device)
         modules = {impl: reference.to_attention(impl) for impl in ATTENTION_IMPLEMENTATIONS}
         if _timm_available() and dim == heads * head_dim:
             modules["timm"] = timm_vit(config, image_size, n_classes=1000)
-            modules["timm"].load_state_dict(state_dict_to_timm(reference.state_dict()))
+            modules["timm"].load_state_dict(state_dict_to_timm(reference.state_dict(), reference.config["patch_size"]))
     return {impl: module.to(device).eval() for impl, module in modules.items()}
 
 

@@ -52,13 +52,20 @@ def _rename(state: dict[str, torch.Tensor], renames: dict[str, str]) -> dict[str
     return renamed
 
 
+PATCH_WEIGHT = "projector.patch_embedder.proj.weight"  # ours (D, C p p); timm's convolution (D, C, p, p)
+
+
 def state_dict_from_timm(timm_model: nn.Module) -> dict[str, torch.Tensor]:
-    """timm's parameter names -> ours."""
-    return _rename(timm_model.state_dict(), TIMM_TO_OURS)
+    """timm's parameters -> ours."""
+    state = _rename(timm_model.state_dict(), TIMM_TO_OURS)
+    state[PATCH_WEIGHT] = state[PATCH_WEIGHT].flatten(1)
+    return state
 
 
-def state_dict_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our parameter names -> timm's."""
+def state_dict_to_timm(state: dict[str, torch.Tensor], patch_size: int) -> dict[str, torch.Tensor]:
+    """Our parameters -> timm's."""
+    weight = state[PATCH_WEIGHT]
+    state = {**state, PATCH_WEIGHT: weight.reshape(len(weight), -1, patch_size, patch_size)}
     return _rename(state, {ours: theirs for theirs, ours in TIMM_TO_OURS.items()})
 
 
