@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -34,12 +35,9 @@ def test_evaluate_agrees_with_a_hand_computation(tmp_path, random_checkpoint):
 
     rows = [line.split(",") for line in (folder / "headgear.csv").read_text().splitlines()[1:]]
     test_rows = [row for row in rows if row[3] == "test"]
-    pixels = np.stack(
-        [
-            np.asarray(Image.open(folder / relative).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC))
-            for _, relative, _, _ in test_rows
-        ]
-    )
+    originals = [np.asarray(Image.open(folder / relative).convert("RGB")) for _, relative, _, _ in test_rows]
+    interpolation = cv2.INTER_AREA if originals[0].shape[0] > 32 else cv2.INTER_CUBIC
+    pixels = np.stack([cv2.resize(image, (32, 32), interpolation=interpolation) for image in originals])
     labels = torch.tensor([int(row[0]) for row in test_rows])
     with torch.no_grad():
         logits = model(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1)
