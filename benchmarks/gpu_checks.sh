@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The GPU measurements behind benchmarks/RESULTS.md, as run on a lent H100 with no network.
-# Each part fits one 10-minute device call; speed and recipe (about 6 minutes each) together
-# fit one 15-minute lease with the machine's start.
 #   bash benchmarks/gpu_checks.sh attention  # the separate/fused/sdpa sweep (about 2 minutes)
-#   bash benchmarks/gpu_checks.sh speed   # syncs per step, training throughput, a profile (about 6)
+#   bash benchmarks/gpu_checks.sh speed   # training throughput, syncs per step, a profile (about 6)
 #   bash benchmarks/gpu_checks.sh recipe  # vit-ti16-224 from scratch, evaluate, highres at 384 (about 6)
 #   bash benchmarks/gpu_checks.sh ablate "--rand-augment 0" "--epochs 200" ...  # one run per override set
 # DATA is the Fashion-MNIST stand-in archive; OUT receives the logs and JSON results.
 # DEADLINE (seconds since the epoch) cuts every step's time limit to what is left before it,
-# so that several parts run in one device call end inside the call's limit:
-#   DEADLINE=$(( $(date +%s) + 560 )); for part in recipe speed; do OUT=out/$part bash benchmarks/gpu_checks.sh $part; done
+# so that several parts run in one device call end inside the call's limit (one tarball back,
+# since a call returns at most 8 files):
+#   export DEADLINE=$(( $(date +%s) + 540 )); for part in recipe speed; do
+#     OUT=/tmp/o/$part bash benchmarks/gpu_checks.sh $part; done; tar czf $OUT/gpu.tgz -C /tmp/o .
 # SMALL=1 runs the same commands with tiny settings (a dry run on a CPU).
 # A machine without clearml and albumentations gets them from wheels in .whl/ (for its Python):
 # clearml, albumentations, albucore, furl, orderedmultidict, pathlib2, pyjwt, jsonschema,
@@ -32,46 +32,53 @@ limit() {  # limit SECONDS: SECONDS, or less where DEADLINE comes sooner
   local left=$(( ${DEADLINE:-0} - $(date +%s) ))
   if [ -z "${DEADLINE:-}" ] || [ "$left" -ge "$1" ]; then echo "$1"; else echo $(( left > 1 ? left : 1 )); fi
 }
-python3 - <<'EOF' | tee "$OUT/versions.txt"
+
+step() {  # step SECONDS LOG COMMAND...: COMMAND within its time limit, its output into the file LOG, then shown
+  # A file, not a pipe: a process the command leaves behind (a compile worker, say) cannot
+  # hold a pipe open and the script with it, which cost the first such run its results.
+  local seconds=$1 log=$2 status
+  shift 2
+  timeout -k 10 "$(limit "$seconds")" "$@" > "$log" 2>&1
+  status=$?
+  tr '\r' '\n' < "$log" | grep -v "ClearML\|^train: \|^fine-tune: \|USDT\|^ERROR:\|fetch_version_info\|check_version"
+  [ $status -eq 124 ] && echo "(stopped by its time limit)"
+  return $status
+}
+
+step 60 "$OUT/versions.txt" python3 -c "
 import torch, timm, clearml, albumentations
-name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-print(f"{name}; torch {torch.__version__}; timm {timm.__version__}; clearml {clearml.__version__}; "
-      f"albumentations {albumentations.__version__}")
-EOF
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
+print(f'{name}; torch {torch.__version__}; timm {timm.__version__}; clearml {clearml.__version__}; '
+      f'albumentations {albumentations.__version__}')"
 device=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 
 if [ "$part" = attention ]; then
   quick=${SMALL:+--quick}
-  timeout "$(limit 150)" python3 -m components.benchmark_attention --device "$device" $quick \
-    --output-json "$OUT/attention.json" 2>&1 | grep -v ClearML | tee "$OUT/attention.log"
+  step 150 "$OUT/attention.log" python3 -m components.benchmark_attention --device "$device" $quick \
+    --output-json "$OUT/attention.json"
 elif [ "$part" = speed ]; then
   small=${SMALL:+--small}
-  timeout "$(limit 360)" python3 benchmarks/train_throughput.py --data "$DATA" $small --steps 10 --warmup 3 --repeats 3 --component-epochs 15 \
-    --output-json "$OUT/throughput.json" \
-    2>&1 | grep -v "ClearML\|train:" | tee "$OUT/throughput.log"
+  step 360 "$OUT/throughput.log" python3 benchmarks/train_throughput.py --data "$DATA" $small \
+    --steps 10 --warmup 3 --repeats 3 --component-epochs 15 --output-json "$OUT/throughput.json"
   if [ "$device" = cuda ]; then
-    timeout "$(limit 90)" python3 benchmarks/count_syncs.py --data "$DATA" 2>&1 | grep -v "ClearML\|train:" | tee "$OUT/syncs.log"
+    step 90 "$OUT/syncs.log" python3 benchmarks/count_syncs.py --data "$DATA"
   fi
   profiled=(--epochs 6); [ -n "${SMALL:-}" ] && profiled=(--preset smoke --epochs 2)
-  timeout "$(limit 120)" python3 benchmarks/profile_train.py --data "$DATA" "${profiled[@]}" 2>&1 \
-    | grep -v "ClearML\|train:\|USDT\|ERROR:" | tee "$OUT/profile.log"
+  step 120 "$OUT/profile.log" python3 benchmarks/profile_train.py --data "$DATA" "${profiled[@]}"
 elif [ "$part" = recipe ]; then
   run=/tmp/recipe
   preset=vit-ti16-224; extra=()
   if [ -n "${SMALL:-}" ]; then preset=smoke; extra=(--epochs 2); fi
   start=$(date +%s)
-  timeout "$(limit 330)" python3 -m components.train --data "$DATA" --preset $preset --output $run "${extra[@]}" 2>&1 \
-    | grep -v "ClearML" | tee "$OUT/train.log"
+  step 330 "$OUT/train.log" python3 -m components.train --data "$DATA" --preset $preset --output $run "${extra[@]}"
   echo "training wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/train.log"
   cp $run/train.json "$OUT/"
-  timeout "$(limit 60)" python3 -m components.evaluate --checkpoint $run/checkpoints/best.pt --data "$DATA" \
-    --output-json $run/eval/evaluate.json \
-    2>&1 | grep -v ClearML | tee "$OUT/evaluate.log"
+  step 60 "$OUT/evaluate.log" python3 -m components.evaluate --checkpoint $run/checkpoints/best.pt --data "$DATA" \
+    --output-json $run/eval/evaluate.json
   size=384; [ -n "${SMALL:-}" ] && size=56
-  timeout "$(limit 90)" python3 -m components.highres --checkpoint $run/checkpoints/best.pt --data "$DATA" --image-size $size \
-    --reference-json $run/eval/evaluate.json --output-json $run/eval/highres.json 2>&1 | grep -v ClearML \
-    | tee "$OUT/highres.log"
-  cp $run/eval/evaluate.json $run/eval/highres.json $run/eval/highres.pos_embed.png "$OUT/"  # 8 files come back
+  step 90 "$OUT/highres.log" python3 -m components.highres --checkpoint $run/checkpoints/best.pt --data "$DATA" \
+    --image-size $size --reference-json $run/eval/evaluate.json --output-json $run/eval/highres.json
+  cp $run/eval/evaluate.json $run/eval/highres.json $run/eval/highres.pos_embed.png "$OUT/"
 elif [ "$part" = ablate ]; then
   # Each argument is one set of overrides of the preset; one line each in ablations.tsv.
   shift
@@ -81,11 +88,11 @@ elif [ "$part" = ablate ]; then
     run=/tmp/ablate; rm -rf $run
     start=$(date +%s)
     # shellcheck disable=SC2086  # the overrides are meant to split into flags
-    python3 -m components.train --data "$DATA" --preset $preset --output $run $overrides 2>&1 | grep -v ClearML \
+    step 330 "$OUT/ablate-run.log" python3 -m components.train --data "$DATA" --preset $preset --output $run $overrides \
       | tail -3 | tee -a "$OUT/ablate.log"
     seconds=$(( $(date +%s) - start ))
-    python3 -m components.evaluate --checkpoint $run/checkpoints/best.pt --data "$DATA" \
-      --output-json $run/evaluate.json > /dev/null 2>&1
+    step 60 /dev/null python3 -m components.evaluate --checkpoint $run/checkpoints/best.pt --data "$DATA" \
+      --output-json $run/evaluate.json
     python3 - "$preset" "$overrides" "$seconds" >> "$OUT/ablations.tsv" <<'EOF'
 import json, sys
 preset, overrides, seconds = sys.argv[1:]

@@ -202,9 +202,10 @@ def contrast(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
 def sharpness(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
     """Blends the inside of the image with its 3x3 smoothing ([[1, 1, 1], [1, 5, 1], [1, 1, 1]]
     / 13); the outermost pixels stay."""
-    kernel = torch.ones(3, 3, device=images.device).index_put_((torch.tensor(1), torch.tensor(1)), torch.tensor(5.0))
-    smoothed = F.conv2d(images.float(), (kernel / 13).expand(3, 1, 3, 3), groups=3).round_()
+    pixels = images.float()
     inside = images[..., 1:-1, 1:-1]
+    # The 3x3 sum plus 4 x the centre: an average pool is far cheaper than a grouped convolution on a CPU.
+    smoothed = (F.avg_pool2d(pixels, 3, stride=1) * 9 + pixels[..., 1:-1, 1:-1] * 4).div_(13).round_()
     output = images.clone()
     output[..., 1:-1, 1:-1] = _blend(inside, smoothed, strength)
     return output
