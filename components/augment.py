@@ -159,8 +159,7 @@ def warp(pixels: torch.Tensor, geometry: torch.Tensor, boxes: torch.Tensor | Non
     """uint8 (B, 3, S, S), warps (B, 2, 3) and erased boxes (B, 4) or None -> float model input
     (B, 3, S, S) in [-1, 1]; erased boxes hold random pixels."""
     pixels = pixels.float()
-    grid = F.affine_grid(geometry.float(), list(pixels.shape), align_corners=False)
-    warped = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    warped = F.grid_sample(pixels, sampling_grid(geometry, pixels.shape[-1]), padding_mode="zeros", align_corners=False)
     x = warped.div_(127.5).sub_(1.0)
     if boxes is None:
         return x
@@ -170,6 +169,16 @@ def warp(pixels: torch.Tensor, geometry: torch.Tensor, boxes: torch.Tensor | Non
     columns = (side >= left[:, None]) & (side < (left + width)[:, None])
     erased = (rows[:, :, None] & columns[:, None, :])[:, None]
     return torch.where(erased, torch.rand_like(x).mul_(2.0).sub_(1.0), x)
+
+
+def sampling_grid(geometry: torch.Tensor, side: int) -> torch.Tensor:
+    """``F.affine_grid(geometry, (B, C, side, side), align_corners=False)``: the input position
+    of each output pixel's centre, (B, side, side, 2), written out because affine_grid's batched
+    matrix product with an inner size of 3 ran as a slow fp32 GEMM (3% of the H100's time)."""
+    centres = (torch.arange(side, device=geometry.device, dtype=torch.float32) * 2 + 1) / side - 1
+    x, y = centres.view(1, 1, side), centres.view(1, side, 1)
+    theta = geometry.float()[..., None, None]  # (B, 2, 3, 1, 1)
+    return torch.stack([theta[:, row, 0] * x + theta[:, row, 1] * y + theta[:, row, 2] for row in (0, 1)], dim=-1)
 
 
 # --- RandAugment's pixel operations: uint8 images (b, 3, S, S) and strengths (b,) in [-1, 1] ---

@@ -21,6 +21,7 @@ from components.augment import (
     augment,
     mix,
     rand_augment_pixels,
+    sampling_grid,
     warp,
 )
 from components.data import to_input
@@ -106,6 +107,12 @@ def test_pixel_operations_run_in_each_images_drawn_order():
                 if RAND_AUGMENT_OPS[op] in PIXEL_OPS:
                     expected = PIXEL_OP_FUNCTIONS[RAND_AUGMENT_OPS[op]](expected, torch.tensor([value]))
             assert torch.equal(ours[position], expected[0])
+
+
+def test_the_sampling_grid_is_affine_grids():
+    geometry = batch(random_draws(crop_scale=0.35, rand_augment=2)).geometry
+    expected = torch.nn.functional.affine_grid(geometry, [len(geometry), 3, 24, 24], align_corners=False)
+    assert torch.allclose(sampling_grid(geometry, 24), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("epoch", range(4))
