@@ -140,27 +140,27 @@ def random_erasing_box(rng: np.random.Generator, probability: float) -> np.ndarr
 def augment(images: torch.Tensor, draws: Draws) -> torch.Tensor:
     """uint8 images (N, S, S, 3) of the whole split and a batch's draws, both on the device ->
     float model input (B, 3, S, S) in [-1, 1]."""
-    batch = images.index_select(0, draws.index).permute(0, 3, 1, 2).contiguous()
-    return warp(rand_augment_pixels(batch, draws), draws.geometry, draws.box)
+    batch = images.index_select(0, draws.index).permute(0, 3, 1, 2)
+    pixels = batch.to(torch.float32, memory_format=torch.contiguous_format)
+    return warp(rand_augment_pixels(pixels, draws), draws.geometry, draws.box)
 
 
-def rand_augment_pixels(batch: torch.Tensor, draws: Draws) -> torch.Tensor:
-    """uint8 (B, 3, S, S) -> the same after each image's pixel operations, in its drawn order;
-    each operation runs once per slot, on the images that drew it."""
+def rand_augment_pixels(pixels: torch.Tensor, draws: Draws) -> torch.Tensor:
+    """float (B, 3, S, S) in [0, 255] -> the same after each image's pixel operations, in its
+    drawn order; each operation runs once per slot, on the images that drew it."""
     slots = range(len(draws.group_sizes) // len(PIXEL_OPS))
     for (slot, op), positions in zip(product(slots, PIXEL_OPS), draws.groups.split(draws.group_sizes)):
         if len(positions):
             strength = draws.strength[:, slot].index_select(0, positions)
-            batch.index_copy_(0, positions, PIXEL_OP_FUNCTIONS[op](batch.index_select(0, positions), strength))
-    return batch
+            pixels.index_copy_(0, positions, PIXEL_OP_FUNCTIONS[op](pixels.index_select(0, positions), strength))
+    return pixels
 
 
 def warp(pixels: torch.Tensor, geometry: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
-    """uint8 (B, 3, S, S), warps (B, 2, 3) and erased boxes (B, 4) or None -> float model input
-    (B, 3, S, S) in [-1, 1]; erased boxes hold random pixels."""
-    pixels = pixels.float()
-    warped = F.grid_sample(pixels, sampling_grid(geometry, pixels.shape[-1]), padding_mode="zeros", align_corners=False)
-    x = warped.div_(127.5).sub_(1.0)
+    """float (B, 3, S, S) in [0, 255], warps (B, 2, 3) and erased boxes (B, 4) or None -> model
+    input (B, 3, S, S) in [-1, 1] (outside the image: black); erased boxes hold random pixels."""
+    grid = sampling_grid(geometry, pixels.shape[-1])
+    x = F.grid_sample(pixels, grid, padding_mode="zeros", align_corners=False).div_(127.5).sub_(1.0)
     if boxes is None:
         return x
     side = (torch.arange(x.shape[-1], device=x.device) + 0.5) / x.shape[-1]
@@ -181,67 +181,71 @@ def sampling_grid(geometry: torch.Tensor, side: int) -> torch.Tensor:
     return torch.stack([theta[:, row, 0] * x + theta[:, row, 1] * y + theta[:, row, 2] for row in (0, 1)], dim=-1)
 
 
-# --- RandAugment's pixel operations: uint8 images (b, 3, S, S) and strengths (b,) in [-1, 1] ---
-# torchvision's formulas (the tests hold them to torchvision's own functions), with a factor or
-# parameter per image instead of one per call.
+# --- RandAugment's pixel operations: float images (b, 3, S, S) in [0, 255], strengths (b,) in [-1, 1] ---
+# torchvision's formulas (the tests hold them to torchvision's own functions on uint8 images,
+# which truncate each result to an integer), with a factor or parameter per image instead of
+# one per call, in as few kernels as eager PyTorch allows: with ~25 images an operation, each
+# kernel is small and their number is what costs.
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601, as PIL and torchvision
 
 
-def _blend(images: torch.Tensor, other: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
-    ratio = (1.0 + ENHANCE_STRENGTH * strength).view(-1, 1, 1, 1)
-    return (images * ratio + other * (1.0 - ratio)).clamp_(0, 255).to(torch.uint8)
+def _enhance(pixels: torch.Tensor, degenerate: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """PIL's ImageEnhance: degenerate + factor x (image - degenerate), factor 1 +- ENHANCE_STRENGTH."""
+    factor = strength.mul(ENHANCE_STRENGTH).add_(1.0).view(-1, 1, 1, 1)
+    return torch.lerp(degenerate, pixels, factor).clamp_(0, 255)
 
 
-def _gray(images: torch.Tensor) -> torch.Tensor:
-    red, green, blue = images.float().unbind(1)
-    return (red * 0.2989 + green * 0.587 + blue * 0.114).floor_().unsqueeze(1)
+def _gray(pixels: torch.Tensor) -> torch.Tensor:
+    weights = torch.tensor(GRAY_WEIGHTS, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels * weights).sum(1, keepdim=True).floor_()
 
 
-def brightness(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
-    return _blend(images, torch.zeros((), device=images.device), strength)
+def brightness(pixels: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    return _enhance(pixels, torch.zeros((), device=pixels.device), strength)
 
 
-def color(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
-    return _blend(images, _gray(images), strength)
+def color(pixels: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    return _enhance(pixels, _gray(pixels), strength)
 
 
-def contrast(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
-    return _blend(images, _gray(images).mean((1, 2, 3), keepdim=True), strength)
+def contrast(pixels: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    return _enhance(pixels, _gray(pixels).mean((1, 2, 3), keepdim=True), strength)
 
 
-def sharpness(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
-    """Blends the inside of the image with its 3x3 smoothing ([[1, 1, 1], [1, 5, 1], [1, 1, 1]]
-    / 13); the outermost pixels stay."""
-    pixels = images.float()
-    inside = images[..., 1:-1, 1:-1]
-    # The 3x3 sum plus 4 x the centre: an average pool is far cheaper than a grouped convolution on a CPU.
-    smoothed = (F.avg_pool2d(pixels, 3, stride=1) * 9 + pixels[..., 1:-1, 1:-1] * 4).div_(13).round_()
-    output = images.clone()
-    output[..., 1:-1, 1:-1] = _blend(inside, smoothed, strength)
+def sharpness(pixels: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """Enhances the inside of the image against its 3x3 smoothing ([[1, 1, 1], [1, 5, 1],
+    [1, 1, 1]] / 13: the 3x3 sum plus 4 x the centre, as an average pool, cheaper than a grouped
+    convolution); the outermost pixels stay."""
+    inside = pixels[..., 1:-1, 1:-1]
+    smoothed = torch.add(inside, F.avg_pool2d(pixels, 3, stride=1), alpha=9 / 4).mul_(4 / 13).round_()
+    output = pixels.clone()
+    output[..., 1:-1, 1:-1] = _enhance(inside, smoothed, strength)
     return output
 
 
-def posterize(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+def posterize(pixels: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """Keeps the top 4, 5 or 6 bits of each value."""
     levels = len(POSTERIZE_BITS)
-    bits = POSTERIZE_BITS[0] + ((strength + 1.0) * (levels / 2)).floor().clamp(max=levels - 1).to(torch.int32)
-    mask = (256 - torch.pow(2, 8 - bits)).to(torch.uint8)  # the top `bits` bits
-    return images & mask.view(-1, 1, 1, 1)
+    dropped_bits = 8 - POSTERIZE_BITS[0] - strength.add(1.0).mul_(levels / 2).floor_().clamp_(max=levels - 1)
+    step = torch.exp2(dropped_bits).view(-1, 1, 1, 1)
+    return pixels.div(step).floor_().mul_(step)
 
 
-def solarize(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
-    return torch.where(images >= SOLARIZE_THRESHOLD, 255 - images, images)
+def solarize(pixels: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    return torch.where(pixels >= SOLARIZE_THRESHOLD, 255 - pixels, pixels)
 
 
-def autocontrast(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+def autocontrast(pixels: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
     """Each channel stretched to span 0 to 255 (a constant channel stays)."""
-    pixels = images.float()
     low, high = pixels.amin((2, 3), keepdim=True), pixels.amax((2, 3), keepdim=True)
-    flat = high == low
-    scale = torch.where(flat, 1.0, 255.0 / (high - low))
-    return ((pixels - torch.where(flat, 0.0, low)) * scale).clamp_(0, 255).to(torch.uint8)
+    scale = torch.where(high > low, 255 / (high - low), 1.0)
+    return (pixels - torch.where(high > low, low, 0.0)).mul_(scale).clamp_(0, 255)
 
 
-def equalize(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
-    return TF.equalize(images)  # batched, per image and channel, without synchronisations
+def equalize(pixels: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """torchvision's, which is batched (per image and channel) and free of synchronisations."""
+    return TF.equalize(pixels.to(torch.uint8)).float()
 
 
 PIXEL_OP_FUNCTIONS = {op: globals()[op] for op in PIXEL_OPS}

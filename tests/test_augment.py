@@ -84,25 +84,26 @@ def torchvision_reference(op: str, image: torch.Tensor, strength: float) -> torc
 
 @pytest.mark.parametrize("op", PIXEL_OPS)
 def test_pixel_operations_are_torchvisions_with_a_strength_per_image(op):
-    # torchvision's functions, one image and one factor a call, are the independent reference.
+    # torchvision's functions, one uint8 image and one factor a call, are the independent
+    # reference; they truncate to integers where ours stay exact.
     images = IMAGES.permute(0, 3, 1, 2).contiguous()
     images[0, 1] = 77  # a constant channel: autocontrast and equalize leave it
     strength = torch.linspace(-1, 1, len(images))
-    ours = PIXEL_OP_FUNCTIONS[op](images, strength)
-    assert ours.dtype == torch.uint8 and ours.shape == images.shape
+    ours = PIXEL_OP_FUNCTIONS[op](images.float(), strength)
+    assert ours.shape == images.shape and 0 <= ours.min() and ours.max() <= 255
     for image, value, result in zip(images, strength.tolist(), ours):
         reference = torchvision_reference(op, image, value)
-        assert (result.int() - reference.int()).abs().max() <= 1  # float rounding of the blends
+        assert (result - reference.float()).abs().max() < 1.001
 
 
 def test_pixel_operations_run_in_each_images_drawn_order():
     draws = random_draws(rand_augment=3)
     for epoch in range(3):
         drawn = batch(draws, epoch)
-        ours = rand_augment_pixels(IMAGES.permute(0, 3, 1, 2).contiguous(), drawn)
+        ours = rand_augment_pixels(IMAGES.permute(0, 3, 1, 2).float(), drawn)
         for position in range(len(IMAGES)):
             _, ops, strength, _, _ = draws[(epoch, position)]
-            expected = IMAGES[position].permute(2, 0, 1)[None]
+            expected = IMAGES[position].permute(2, 0, 1)[None].float()
             for op, value in zip(ops, strength):
                 if RAND_AUGMENT_OPS[op] in PIXEL_OPS:
                     expected = PIXEL_OP_FUNCTIONS[RAND_AUGMENT_OPS[op]](expected, torch.tensor([value]))
@@ -120,7 +121,7 @@ def test_the_device_warp_equals_opencvs_for_the_same_map(epoch):
     # OpenCV is the independent reference: the map, turned from [-1, 1] coordinates into
     # pixels, warps each image alike (up to OpenCV's 5-bit interpolation weights).
     drawn = batch(random_draws(crop_scale=0.35, rand_augment=2), epoch)
-    warped = ((warp(IMAGES.permute(0, 3, 1, 2), drawn.geometry, None) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+    warped = ((warp(IMAGES.permute(0, 3, 1, 2).float(), drawn.geometry, None) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
     side = IMAGES.shape[1]
     to_normalised = np.array([[2 / side, 0, 1 / side - 1], [0, 2 / side, 1 / side - 1], [0, 0, 1]])
     for image, geometry, ours in zip(IMAGES.numpy(), drawn.geometry.numpy(), warped):
