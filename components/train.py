@@ -140,7 +140,7 @@ def _single_threaded_worker(_worker_id: int) -> None:
 def _workers(config: TrainConfig, device: torch.device) -> int:
     if config.workers >= 0:
         return config.workers
-    # Drawing costs about 30 us an image: a few processes outpace any GPU's training step.
+    # Drawing costs about 40 us an image: a few processes outpace any GPU's training step.
     return 0 if device.type == "cpu" else min(4, max(0, (os.cpu_count() or 1) - 2))
 
 
