@@ -139,9 +139,12 @@ def random_erasing_box(rng: np.random.Generator, probability: float) -> np.ndarr
 
 def augment(images: torch.Tensor, draws: Draws) -> torch.Tensor:
     """uint8 images (N, S, S, 3) of the whole split and a batch's draws, both on the device ->
-    float model input (B, 3, S, S) in [-1, 1]."""
+    float model input (B, 3, S, S) in [-1, 1]. The pixel operations run in float16 on a GPU,
+    where each of their passes is bound by memory traffic and 0-255 is exact in half
+    precision; in float32 on a CPU, which is slow at half."""
+    dtype = torch.float16 if images.device.type == "cuda" else torch.float32
     batch = images.index_select(0, draws.index).permute(0, 3, 1, 2)
-    pixels = batch.to(torch.float32, memory_format=torch.contiguous_format)
+    pixels = batch.to(dtype, memory_format=torch.contiguous_format)
     return warp(rand_augment_pixels(pixels, draws), draws.geometry, draws.box)
 
 
@@ -159,8 +162,8 @@ def rand_augment_pixels(pixels: torch.Tensor, draws: Draws) -> torch.Tensor:
 def warp(pixels: torch.Tensor, geometry: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
     """float (B, 3, S, S) in [0, 255], warps (B, 2, 3) and erased boxes (B, 4) or None -> model
     input (B, 3, S, S) in [-1, 1] (outside the image: black); erased boxes hold random pixels."""
-    grid = sampling_grid(geometry, pixels.shape[-1])
-    x = F.grid_sample(pixels, grid, padding_mode="zeros", align_corners=False).div_(127.5).sub_(1.0)
+    grid = sampling_grid(geometry, pixels.shape[-1])  # float32: grid_sample at half gives NaN on a CPU
+    x = F.grid_sample(pixels.float(), grid, padding_mode="zeros", align_corners=False).div_(127.5).sub_(1.0)
     if boxes is None:
         return x
     side = (torch.arange(x.shape[-1], device=x.device) + 0.5) / x.shape[-1]
@@ -192,17 +195,17 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601, as PIL and torchvision
 
 def _enhance(pixels: torch.Tensor, degenerate: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
     """PIL's ImageEnhance: degenerate + factor x (image - degenerate), factor 1 +- ENHANCE_STRENGTH."""
-    factor = strength.mul(ENHANCE_STRENGTH).add_(1.0).view(-1, 1, 1, 1)
+    factor = strength.mul(ENHANCE_STRENGTH).add_(1.0).to(pixels.dtype).view(-1, 1, 1, 1)
     return torch.lerp(degenerate, pixels, factor).clamp_(0, 255)
 
 
 def _gray(pixels: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor(GRAY_WEIGHTS, device=pixels.device).view(1, 3, 1, 1)
+    weights = torch.tensor(GRAY_WEIGHTS, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
     return (pixels * weights).sum(1, keepdim=True).floor_()
 
 
 def brightness(pixels: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
-    return _enhance(pixels, torch.zeros((), device=pixels.device), strength)
+    return _enhance(pixels, torch.zeros((), device=pixels.device, dtype=pixels.dtype), strength)
 
 
 def color(pixels: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
@@ -228,7 +231,7 @@ def posterize(pixels: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
     """Keeps the top 4, 5 or 6 bits of each value."""
     levels = len(POSTERIZE_BITS)
     dropped_bits = 8 - POSTERIZE_BITS[0] - strength.add(1.0).mul_(levels / 2).floor_().clamp_(max=levels - 1)
-    step = torch.exp2(dropped_bits).view(-1, 1, 1, 1)
+    step = torch.exp2(dropped_bits).to(pixels.dtype).view(-1, 1, 1, 1)
     return pixels.div(step).floor_().mul_(step)
 
 
@@ -245,7 +248,7 @@ def autocontrast(pixels: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
 
 def equalize(pixels: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
     """torchvision's, which is batched (per image and channel) and free of synchronisations."""
-    return TF.equalize(pixels.to(torch.uint8)).float()
+    return TF.equalize(pixels.to(torch.uint8)).to(pixels.dtype)
 
 
 PIXEL_OP_FUNCTIONS = {op: globals()[op] for op in PIXEL_OPS}
