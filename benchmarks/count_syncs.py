@@ -43,7 +43,6 @@ def main(argv: list[str] | None = None) -> None:
             epochs=args.epochs,
             validate_every=args.validate_every,
             compile="off",
-            log_every=1_000_000,
         )
         torch.cuda.set_sync_debug_mode(0)
     by_line = collections.Counter(

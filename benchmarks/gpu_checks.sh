@@ -2,7 +2,8 @@
 # The GPU measurements behind benchmarks/RESULTS.md, as run on a lent H100 with no network.
 #   bash benchmarks/gpu_checks.sh attention  # the separate/fused/sdpa sweep (about 2 minutes)
 #   bash benchmarks/gpu_checks.sh speed   # training throughput, syncs per step, a profile (about 6)
-#   bash benchmarks/gpu_checks.sh recipe  # vit-ti16-224 from scratch, evaluate, highres at 384 (about 6)
+#   bash benchmarks/gpu_checks.sh breakdown  # the training step piece by piece, without and with CUDA graphs (2)
+#   bash benchmarks/gpu_checks.sh recipe [OVERRIDES]  # vit-ti16-224 from scratch, evaluate, highres at 384 (about 6)
 #   bash benchmarks/gpu_checks.sh ablate "--rand-augment 0" "--epochs 200" ...  # one run per override set
 # DATA is the Fashion-MNIST stand-in archive; OUT receives the logs and JSON results.
 # DEADLINE (seconds since the epoch) cuts every step's time limit to what is left before it,
@@ -17,7 +18,7 @@
 # pydantic-core, annotated-types, typing-inspection (pip download --no-deps --only-binary=:all:).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?attention, speed, recipe or ablate}
+part=${1:?attention, speed, breakdown, recipe or ablate}
 DATA=${DATA:-.device-data/fashion.zip}
 OUT=${OUT:-runs/gpu-checks}
 mkdir -p "$OUT"
@@ -40,7 +41,7 @@ step() {  # step SECONDS LOG COMMAND...: COMMAND within its time limit, its outp
   shift 2
   timeout -k 10 "$(limit "$seconds")" "$@" > "$log" 2>&1
   status=$?
-  tr '\r' '\n' < "$log" | grep -v "ClearML\|^train: \|^fine-tune: \|USDT\|^ERROR:\|fetch_version_info\|check_version"
+  tr '\r' '\n' < "$log" | grep -v "ClearML\|Repository Detection\|^train: \|^fine-tune: \|USDT\|^ERROR:\|fetch_version_info\|check_version"
   [ $status -eq 124 ] && echo "(stopped by its time limit)"
   return $status
 }
@@ -65,10 +66,16 @@ elif [ "$part" = speed ]; then
   fi
   profiled=(--epochs 6); [ -n "${SMALL:-}" ] && profiled=(--preset smoke --epochs 2)
   step 120 "$OUT/profile.log" python3 benchmarks/profile_train.py --data "$DATA" "${profiled[@]}"
+elif [ "$part" = breakdown ]; then
+  small=(); [ -n "${SMALL:-}" ] && small=(--preset smoke --steps 3 --warmup 1)
+  for mode in default reduce-overhead; do
+    step 90 "$OUT/breakdown-$mode.log" python3 benchmarks/step_breakdown.py --data "$DATA" --rand-augment 0 \
+      --compile $mode "${small[@]}"
+  done
 elif [ "$part" = recipe ]; then
   run=/tmp/recipe
-  preset=vit-ti16-224; extra=()
-  if [ -n "${SMALL:-}" ]; then preset=smoke; extra=(--epochs 2); fi
+  preset=vit-ti16-224; read -ra extra <<< "${2:-}"  # overrides of the preset, e.g. "--epochs 600"
+  if [ -n "${SMALL:-}" ]; then preset=smoke; extra+=(--epochs 2); fi
   start=$(date +%s)
   step 330 "$OUT/train.log" python3 -m components.train --data "$DATA" --preset $preset --output $run "${extra[@]}"
   echo "training wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/train.log"
@@ -78,7 +85,7 @@ elif [ "$part" = recipe ]; then
   size=384; [ -n "${SMALL:-}" ] && size=56
   step 90 "$OUT/highres.log" python3 -m components.highres --checkpoint $run/checkpoints/best.pt --data "$DATA" \
     --image-size $size --reference-json $run/eval/evaluate.json --output-json $run/eval/highres.json
-  cp $run/eval/evaluate.json $run/eval/highres.json $run/eval/highres.pos_embed.png "$OUT/"
+  cp $run/curves.png $run/eval/evaluate.json $run/eval/highres.json $run/eval/highres.pos_embed.png "$OUT/"
 elif [ "$part" = ablate ]; then
   # Each argument is one set of overrides of the preset; one line each in ablations.tsv.
   shift

@@ -3,14 +3,16 @@
 Rows, all measured in one run on whatever device is present:
 
 - model step: one training step (forward under bf16 autocast on a GPU, cross-entropy,
-  backward, AdamW, fused on a GPU) on a fixed batch, eager and with torch.compile, for timm's
+  backward, AdamW, fused on a GPU) on a fixed batch, eager and with torch.compile (its default
+  mode, and reduce-overhead: with CUDA graphs, what the trainer uses on a GPU), for timm's
   VisionTransformer and for ours (``sdpa``, and ``separate`` eager, which still trains);
   the variants take turns, and each row is the median of ``--repeats`` rounds;
 - data loader: the training component's loader processes and its augmentation on the device
   alone, no model: the rate the model step must stay below for the loader never to be the
   bottleneck;
 - training component: ``components.train`` end to end (data loader, augmentation, logging,
-  validation, checkpoints) on a real archive, timed after its first epoch.
+  validation, checkpoints) on a real archive, timed after its first epoch, eager and in each
+  compile mode.
 
 MFU = forward FLOPs x 3 (forward + backward) x images/s / the card's dense bf16 peak.
 
@@ -76,19 +78,20 @@ def build(impl: str, preset: str, image_size: int, n_classes: int) -> torch.nn.M
 
 
 def training_step(
-    impl: str, preset: str, compiled: bool, batch_size: int, image_size: int, device: torch.device
+    impl: str, preset: str, mode: str, batch_size: int, image_size: int, device: torch.device
 ) -> Callable[[], None]:
-    """One training step of a fresh model on one fixed batch: forward (bf16 autocast on a GPU),
-    cross-entropy, backward, AdamW (fused on a GPU)."""
+    """One training step of a fresh model on one fixed batch: forward (bf16 autocast on a GPU;
+    ``mode`` eager or a torch.compile mode), cross-entropy, backward, AdamW (fused on a GPU)."""
     torch.manual_seed(0)
     model = build(impl, preset, image_size, n_classes=1000).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
-    forward = torch.compile(model) if compiled else model
+    forward = model if mode == "eager" else torch.compile(model, mode=mode)
     images = torch.randn(batch_size, 3, image_size, image_size, device=device)
     labels = torch.randint(0, 1000, (batch_size,), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             logits = forward(images)
         loss = F.cross_entropy(logits.float(), labels)
@@ -153,7 +156,7 @@ def component_throughput(
     image_size: int,
     batch_size: int,
     epochs: int,
-    compiled: bool,
+    mode: str,
     device: torch.device,
     output: Path,
 ) -> float:
@@ -167,7 +170,7 @@ def component_throughput(
         image_size=image_size,
         batch_size=batch_size,
         epochs=epochs,
-        compile="on" if compiled else "off",
+        compile="off" if mode == "eager" else mode,
         checkpoint_minutes=1.0,
     )
     return result["images_per_second"]
@@ -190,6 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--component-models", default="vit-ti16", help="models of the component rows (default: vit-ti16)"
     )
+    parser.add_argument(
+        "--compile-modes",
+        default="default,reduce-overhead",
+        help="torch.compile modes of the compiled rows (default: default,reduce-overhead)",
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--small", action="store_true", help="CPU setting: tiny model, 32x32, batch 8, 3 steps")
     parser.add_argument("--output-json", type=Path, default=None, help="also write the rows here")
@@ -201,10 +209,10 @@ def main(argv: list[str] | None = None) -> None:
         args.component_epochs, args.component_models, args.no_compile = 2, "vit-tiny-test", True
         args.loader_batches = 5
     peak = peak_flops(device)
-    compile_modes = [False] if args.no_compile else [False, True]
+    modes = ["eager"] + ([] if args.no_compile else args.compile_modes.split(","))
     rows = []
 
-    def add(scope: str, impl: str, preset: str | None, compiled: bool, images_per_second: float) -> None:
+    def add(scope: str, impl: str, preset: str | None, mode: str, images_per_second: float) -> None:
         """One row; ``preset`` None for the data loader, which has no FLOPs."""
         flops = 3 * forward_flops(MODEL_PRESETS[preset], args.image_size) * images_per_second if preset else None
         rows.append(
@@ -212,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
                 "scope": scope,
                 "impl": impl,
                 "model": preset,
-                "compiled": compiled,
+                "mode": mode,
                 "images_per_second": images_per_second,
                 "tflops": flops and flops / 1e12,
                 "mfu": flops / peak if flops and peak else None,
@@ -221,8 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         tflops = f"{flops / 1e12:8.2f} TFLOP/s" if flops else f"{'':>16}"
         mfu = f"{flops / peak:.1%}" if flops and peak else "n/a"
         print(
-            f"{scope:<18} {impl:<9} {preset or '':<13} {'compiled' if compiled else 'eager':<9} "
-            f"{images_per_second:10.1f} img/s {tflops}  MFU {mfu}",
+            f"{scope:<18} {impl:<9} {preset or '':<13} {mode:<15} {images_per_second:10.1f} img/s {tflops}  MFU {mfu}",
             flush=True,
         )
 
@@ -233,18 +240,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.data:
         speed = loader_throughput(args.data, args.image_size, args.batch_size, args.loader_batches, device)
-        add("data loader", "augment", None, False, speed)
+        add("data loader", "augment", None, "eager", speed)
     for preset in args.models.split(","):
         variants = [
-            (impl, compiled)
-            for compiled in compile_modes
-            for impl in ["timm", "sdpa"] + ([] if compiled else ["separate"])
+            (impl, mode)
+            for mode in modes
+            for impl in ["timm", "sdpa"] + (["separate"] if mode == "eager" else [])
             if impl != "timm" or preset in TIMM_NAMES or args.small
         ]
         speeds = round_robin_throughput(
             {
-                (impl, compiled): training_step(impl, preset, compiled, args.batch_size, args.image_size, device)
-                for impl, compiled in variants
+                (impl, mode): training_step(impl, preset, mode, args.batch_size, args.image_size, device)
+                for impl, mode in variants
             },
             args.batch_size,
             args.steps,
@@ -252,10 +259,10 @@ def main(argv: list[str] | None = None) -> None:
             args.repeats,
             device,
         )
-        for (impl, compiled), speed in speeds.items():
-            add("model step", impl, preset, compiled, speed)
+        for (impl, mode), speed in speeds.items():
+            add("model step", impl, preset, mode, speed)
         if args.data and preset in args.component_models.split(","):
-            for compiled in compile_modes:
+            for mode in modes:
                 with tempfile.TemporaryDirectory() as scratch:
                     speed = component_throughput(
                         args.data,
@@ -263,11 +270,11 @@ def main(argv: list[str] | None = None) -> None:
                         args.image_size,
                         args.batch_size,
                         args.component_epochs,
-                        compiled,
+                        mode,
                         device,
                         Path(scratch),
                     )
-                add("training component", "sdpa", preset, compiled, speed)
+                add("training component", "sdpa", preset, mode, speed)
     if args.output_json:
         args.output_json.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=2))
 

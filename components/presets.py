@@ -60,9 +60,10 @@ HELP = {
     "cutmix_alpha": "Beta parameter of cutmix; 0 disables it",
     "ema_decay": "per-step decay of an exponential moving average of the weights, which is then what is "
     "validated and saved as best.pt (e.g. 0.998); 0 disables it",
-    "compile": "torch.compile: auto (on a GPU), on or off",
+    "compile": "torch.compile's mode: auto (reduce-overhead, i.e. with CUDA graphs, on a GPU; off on a CPU), off, "
+    "default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs",
     "workers": "processes drawing the augmentation; -1 picks by the machine",
-    "log_every": "steps between scalar reports (with validations, the only host-device synchronisations)",
+    "log_every": "steps between reports of the training loss (read without waiting for the device)",
     "validate_every": "epochs between validations (the last epoch always validates); checkpoints follow them",
     "checkpoint_minutes": "least minutes between checkpoints (the last epoch always saves); 0: at every validation",
     "seed": "random seed: initialisation, data order, augmentation, dropout",

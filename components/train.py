@@ -1,10 +1,10 @@
 """train: a ViT from a preset, trained from scratch, tracked in ClearML.
 
 AdamW with linear warm-up and cosine decay, label smoothing, RandAugment, random erasing,
-mixup/cutmix, gradient clipping, bf16 autocast and torch.compile on a GPU. Images are decoded
-once and kept on the training device; loader processes draw each image's augmentation, seeded
-by (seed, epoch, image) so that a resumed run sees exactly the images an uninterrupted one
-would, and `components.augment` applies the draws there, a batch at a time.
+mixup/cutmix, gradient clipping; on a GPU bf16 autocast and torch.compile with CUDA graphs.
+Images are decoded once and kept on the training device; loader processes draw each image's
+augmentation, seeded by (seed, epoch, image) so that a resumed run sees exactly the images an
+uninterrupted one would, and `components.augment` applies the draws there, a batch at a time.
 
     python -m components.train --data runs/data/<version> --preset smoke --output runs/train
 """
@@ -12,11 +12,12 @@ would, and `components.augment` applies the draws there, a batch at a time.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -89,6 +90,96 @@ def on_device(batches: Iterable[Draws], device: torch.device) -> Iterator[Draws]
 
 def _moved(draws: Draws, device: torch.device) -> Draws:
     return Draws(*(part.to(device, non_blocking=True) if isinstance(part, torch.Tensor) else part for part in draws))
+
+
+def batch_inputs(
+    train_images: torch.Tensor, train_labels: torch.Tensor, draws: Draws, config: TrainConfig, n_classes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A training batch: its augmented (and mixed) input images (B, 3, H, W), labels (B,) and
+    soft targets (B, K) (label smoothing, then mixup/cutmix)."""
+    images, labels = augment(train_images, draws), train_labels.index_select(0, draws.index)
+    targets = F.one_hot(labels, n_classes).float()
+    targets = targets * (1 - config.label_smoothing) + config.label_smoothing / n_classes
+    images, targets = mix(images, targets, config)
+    return images, labels, targets
+
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(config: TrainConfig, device: torch.device) -> str:
+    """``config.compile``, with ``auto`` resolved: torch.compile with CUDA graphs on a GPU, eager
+    on a CPU. CUDA graphs because at these model sizes the host, not the GPU, sets the pace: a
+    compiled ViT-Ti step still launches some hundred kernels and library calls one by one from
+    Python (23.6 ms a step on an H100), and replaying them as one graph cuts the step to 14.6 ms
+    (`benchmarks/step_breakdown.py`, benchmarks/RESULTS.md)."""
+    mode = ("reduce-overhead" if device.type == "cuda" else "off") if config.compile == "auto" else config.compile
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"--compile {config.compile!r}: choose auto or one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+def compiled(model: ViT, config: TrainConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model as the training step calls it: itself, or torch.compile'd in `compile_mode`."""
+    mode = compile_mode(config, device)
+    return model if mode == "off" else torch.compile(model, mode=mode)
+
+
+def optimization_step(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    model: ViT,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    config: TrainConfig,
+    autocast: torch.autocast,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (``forward`` is the model, maybe compiled) under ``autocast``, soft-target
+    cross-entropy, backward, gradient clipping, the optimizer's step; returns (loss, logits)."""
+    torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: the last step's outputs are done with
+    with autocast:
+        logits = forward(images)
+    loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    return loss, logits
+
+
+class DeviceScalars:
+    """Scalars computed on the device, read on the host without making it wait: `push` starts a
+    copy to pinned memory behind an event, and `arrived` yields the values whose copies are done
+    (with what was pushed along), a few steps later. Reading a loss with ``.item()`` instead
+    would stall the host until the device caught up, and with it the queue of work ahead."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.pending = device, collections.deque()
+
+    def push(self, value: torch.Tensor, **along) -> None:
+        if self.device.type != "cuda":
+            self.pending.append((value.detach().cpu(), None, along))
+            return
+        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        host.copy_(value.detach(), non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        self.pending.append((host, copied, along))
+
+    def arrived(self, wait: bool = False) -> Iterator[tuple[float, dict]]:
+        while self.pending and (wait or self.pending[0][1] is None or self.pending[0][1].query()):
+            host, copied, along = self.pending.popleft()
+            if copied is not None:
+                copied.synchronize()
+            yield host.item(), along
+
+
+def report_step(tracker, progress: tqdm, loss: float, step: int, lr: float, images_per_second: float) -> None:
+    tracker.scalar("loss", "train (step)", loss, step)
+    tracker.scalar("learning rate", "lr", lr, step)
+    tracker.scalar("throughput", "images/s", images_per_second, step)
+    progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}")
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
@@ -169,6 +260,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
     output = Path(output)
     config = preset(preset_name, **overrides)
     device = pick_device(device)
+    compile_mode(config, device)  # a wrong --compile fails before any work
     last_path, best_path = output / "checkpoints" / "last.pt", output / "checkpoints" / "best.pt"
     state = checkpoints.load(last_path) if resume and last_path.is_file() else None
     if resume and state is None:
@@ -205,8 +297,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             history, first_epoch, best_accuracy = state["history"], state["epoch"] + 1, state["best_accuracy"]
             best = state["best"]
             print(f"resuming {last_path} after epoch {first_epoch}")
-        use_compile = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
-        forward = torch.compile(model) if use_compile else model
+        forward = compiled(model, config, device)
 
         loader = training_batches(len(train_images), config, first_epoch, device)
         draws, sampler = loader.dataset, loader.batch_sampler
@@ -226,6 +317,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
         # Loss and correct predictions summed per epoch on the device, read at validations only.
         epoch_sums = torch.zeros(config.epochs, 2, device=device)
+        step_losses = DeviceScalars(device)
         unreported_from = first_epoch
         window_start, window_images = time.perf_counter(), 0
         saved_at, timed_from = time.monotonic(), None
@@ -237,18 +329,8 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             lr = learning_rate(config, step, total_steps, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images, labels = augment(train_images, batch), train_labels.index_select(0, batch.index)
-            targets = F.one_hot(labels, len(classes)).float()
-            targets = targets * (1 - config.label_smoothing) + config.label_smoothing / len(classes)
-            images, targets = mix(images, targets, config)
-            with autocast:
-                logits = forward(images)
-            loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            images, labels, targets = batch_inputs(train_images, train_labels, batch, config, len(classes))
+            loss, logits = optimization_step(forward, model, optimizer, images, targets, config, autocast)
             if average is not None:
                 update_average(average, model, config.ema_decay, step)
             epoch_sums[epoch, 0] += loss.detach()
@@ -257,13 +339,12 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             window_images += len(labels)
             progress.update()
 
-            if step % config.log_every == 0:  # with validations, the only host-device synchronisations
+            if step % config.log_every == 0:
                 elapsed = time.perf_counter() - window_start
-                tracker.scalar("loss", "train (step)", loss.item(), step)
-                tracker.scalar("learning rate", "lr", lr, step)
-                tracker.scalar("throughput", "images/s", window_images / elapsed, step)
-                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{window_images / elapsed:.0f}")
+                step_losses.push(loss, step=step, lr=lr, images_per_second=window_images / elapsed)
                 window_start, window_images = time.perf_counter(), 0
+            for value, logged in step_losses.arrived():
+                report_step(tracker, progress, value, **logged)
 
             last_epoch = epoch + 1 == config.epochs
             if step % steps_per_epoch == 0 and ((epoch + 1) % config.validate_every == 0 or last_epoch):
@@ -314,6 +395,8 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                 )
             if step == (first_epoch + 1) * steps_per_epoch:  # throughput is timed after the first epoch
                 timed_from = time.perf_counter()
+        for value, logged in step_losses.arrived(wait=True):
+            report_step(tracker, progress, value, **logged)
         progress.close()
         timed_epochs = config.epochs - first_epoch - 1
         throughput = (

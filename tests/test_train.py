@@ -27,7 +27,10 @@ def test_smoke_training_learns_and_leaves_an_offline_session(smoke_run):
     session = read_session(smoke_run["clearml"])
     assert scalars(session, "loss", "train") == pytest.approx(losses)
     assert scalars(session, "accuracy", "valid") == pytest.approx(smoke_run["val_accuracy"])
-    assert len(scalars(session, "throughput", "images/s")) > 5
+    steps = PRESETS["smoke"].epochs * (3600 // PRESETS["smoke"].batch_size)
+    step_losses = scalars(session, "loss", "train (step)")  # every log_every steps, none lost at the end
+    assert len(step_losses) == steps // PRESETS["smoke"].log_every and all(0 < loss < 5 for loss in step_losses)
+    assert len(scalars(session, "throughput", "images/s")) == len(step_losses)
     assert session["task"]["hyperparams"]["General"]["preset"]["value"] == "smoke"
     assert any("augmented training images" in name for name in session["files"])
     assert any(name.endswith("best.pt") for name in session["files"])  # offline, the model is an artifact
@@ -126,6 +129,12 @@ def test_unknown_settings_are_refused():
         preset("huge")
     with pytest.raises(ValueError, match=r"unknown training settings \['learning_rate'\]"):
         preset("smoke", learning_rate=1.0)
+
+
+def test_an_unknown_compile_mode_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="--compile 'on': choose auto or one of off, default, reduce-overhead"):
+        train(str(tmp_path / "not-read.zip"), "smoke", tmp_path / "run", compile="on")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_terminated_run_stops_promptly_and_resumes_from_its_checkpoint(tmp_path):

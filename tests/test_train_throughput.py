@@ -1,7 +1,7 @@
 """benchmarks/train_throughput.py: its CPU setting runs every row it promises (timings are
 printed, never asserted), and its FLOP count agrees with an independent one;
-benchmarks/count_syncs.py says plainly that it needs a GPU; benchmarks/profile_train.py runs on
-a CPU too."""
+benchmarks/count_syncs.py says plainly that it needs a GPU; benchmarks/profile_train.py and
+benchmarks/step_breakdown.py run on a CPU too."""
 
 from __future__ import annotations
 
@@ -33,12 +33,12 @@ def test_the_small_setting_prints_every_row(tmp_path):
     run = subprocess.run(command, cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
-    assert [(r["scope"], r["impl"], r["compiled"]) for r in rows] == [
-        ("data loader", "augment", False),
-        ("model step", "timm", False),
-        ("model step", "sdpa", False),
-        ("model step", "separate", False),
-        ("training component", "sdpa", False),
+    assert [(r["scope"], r["impl"], r["mode"]) for r in rows] == [
+        ("data loader", "augment", "eager"),
+        ("model step", "timm", "eager"),
+        ("model step", "sdpa", "eager"),
+        ("model step", "separate", "eager"),
+        ("training component", "sdpa", "eager"),
     ]
     assert all(r["images_per_second"] > 0 and r["mfu"] is None for r in rows)  # no GPU peak on a CPU
     assert "img/s" in run.stdout
@@ -85,3 +85,21 @@ def test_profile_train_prints_the_busiest_operations(tmp_path):
     run = subprocess.run(command, cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Self CPU" in run.stdout and "images trained" in run.stdout
+
+
+def test_step_breakdown_prints_every_row(tmp_path):
+    from tests.conftest import make_layout
+
+    data = make_layout(tmp_path / "data", per_split=(16, 4, 4))
+    command = [sys.executable, "benchmarks/step_breakdown.py", "--data", str(data), "--preset", "smoke"]
+    command += ["--batch-size", "8", "--steps", "2", "--warmup", "1", "--repeats", "1", "--rand-augment", "2"]
+    run = subprocess.run(command, cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.endswith("ms/step")]
+    assert [row.split("  ")[0] for row in rows] == [
+        "1. optimization step, fixed batch",
+        "2. + augmentation (draws on the device)",
+        "3. + data loader",
+        "augmentation alone",
+        "data loader alone",
+    ]

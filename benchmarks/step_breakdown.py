@@ -1,0 +1,135 @@
+"""Where the training component's step time goes: the step of `components.train` built up
+piece by piece on one model, in images/s and milliseconds a step.
+
+Rows, each adding to the one before:
+
+1. optimization step: forward (bf16 autocast and torch.compile on a GPU, in the mode that
+   ``--compile`` picks: by default with CUDA graphs), the soft-target loss,
+   backward, gradient clipping, AdamW, on one fixed augmented batch;
+2. + augmentation: `batch_inputs` (augmentation on the device, label smoothing, mixup/cutmix)
+   from draws already on the device;
+3. + data loader: the draws from the loader processes, copied on a side stream;
+
+and two rows alone: the augmentation (`batch_inputs` from draws on the device) and the data
+loader (draws arriving on the device). The model is compiled once; its first steps are untimed.
+Where row 1 is well below `train_throughput.py`'s model step, the difference is the training
+configuration (drop path, clipping, the loss); where a row falls below the one before, what it
+adds costs more host time than the device time it can hide behind.
+
+    python benchmarks/step_breakdown.py --data fashion.zip                # vit-ti16-224's step
+    python benchmarks/step_breakdown.py --data fashion.zip --rand-augment 0 --compile default
+    python benchmarks/step_breakdown.py --data fashion.zip --preset smoke --steps 3   # CPU setting
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from components.augment import RandomDraws  # noqa: E402
+from components.data import decode_split, resolve  # noqa: E402
+from components.devices import pick_device  # noqa: E402
+from components.presets import add_override_flags, overrides_from, preset  # noqa: E402
+from components.train import (  # noqa: E402
+    _moved,
+    batch_inputs,
+    build_model,
+    build_optimizer,
+    compile_mode,
+    compiled,
+    on_device,
+    optimization_step,
+    training_batches,
+)
+
+
+def images_per_second(
+    step: Callable[[], None], batch_size: int, steps: int, warmup: int, repeats: int, device: torch.device
+) -> float:
+    """Median images/s over ``repeats`` rounds of ``steps`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    rates = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(steps * batch_size / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="the archive whose train split is augmented")
+    parser.add_argument("--preset", default="vit-ti16-224", help="training preset (default: vit-ti16-224)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps a round (default: 30)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the median counts (default: 3)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
+    add_override_flags(parser)
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    config = preset(args.preset, **{"epochs": 1_000_000, **overrides_from(args)})
+    dataset = resolve(args.data)
+    n_classes = len(dataset.classes)
+    train_images, train_labels = (
+        torch.from_numpy(array).to(device) for array in decode_split(dataset, "train", config.image_size)
+    )
+
+    torch.manual_seed(config.seed)
+    model = build_model(config, n_classes).to(device).train()
+    optimizer = build_optimizer(model, config, device)
+    forward = compiled(model, config, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    draws = RandomDraws(len(train_images), config)
+    batches = [range(start, start + config.batch_size) for start in range(0, len(draws) - config.batch_size + 1, 64)]
+    on_the_device = [_moved(draws.collate([draws[(0, i)] for i in batch]), device) for batch in batches[:8]]
+    cycle = itertools.cycle(on_the_device)
+    fixed = batch_inputs(train_images, train_labels, on_the_device[0], config, n_classes)
+    loader = on_device(training_batches(len(train_images), config, 0, device), device)
+
+    def fixed_batch() -> None:
+        optimization_step(forward, model, optimizer, fixed[0], fixed[2], config, autocast)
+
+    def augmented() -> None:
+        images, _, targets = batch_inputs(train_images, train_labels, next(cycle), config, n_classes)
+        optimization_step(forward, model, optimizer, images, targets, config, autocast)
+
+    def loaded() -> None:
+        images, _, targets = batch_inputs(train_images, train_labels, next(loader), config, n_classes)
+        optimization_step(forward, model, optimizer, images, targets, config, autocast)
+
+    rows = {
+        "1. optimization step, fixed batch": fixed_batch,
+        "2. + augmentation (draws on the device)": augmented,
+        "3. + data loader": loaded,
+        "augmentation alone": lambda: batch_inputs(train_images, train_labels, next(cycle), config, n_classes),
+        "data loader alone": lambda: next(loader),
+    }
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"{args.preset} ({config.model}, batch {config.batch_size}, {config.image_size}x{config.image_size}, "
+        f"RandAugment {config.rand_augment}, compile {compile_mode(config, device)}) on {name}, "
+        f"torch {torch.__version__}"
+    )
+    for row, step in rows.items():
+        speed = images_per_second(step, config.batch_size, args.steps, args.warmup, args.repeats, device)
+        print(f"{row:<42} {speed:10.1f} img/s {1000 * config.batch_size / speed:8.2f} ms/step", flush=True)
+
+
+if __name__ == "__main__":
+    main()
