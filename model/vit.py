@@ -19,6 +19,12 @@ Attention comes in three implementations behind one switch (``attention=``):
 
 They share one state-dict layout (timm's ``qkv`` layout), so a checkpoint written by one
 loads into any other and ``ViT.to_attention`` converts without loss.
+
+At another image size than the trained one, ``set_image_size`` interpolates the position
+embeddings (the paper's way) and, with ``scale_attention=True``, also sharpens the attention by
+log T / log T_trained (``attention_scale``; Chiang and Cholak 2022, "Overcoming a Theoretical
+Limitation of Self-Attention"): softmax over 577 tokens instead of 197 spreads each query's
+attention thinner, and this factor keeps its entropy about where training left it.
 """
 
 from __future__ import annotations
@@ -59,8 +65,8 @@ class PatchEmbedder(nn.Module):
 
     A reshape and one matrix product is the same function as a stride-p convolution (timm's
     form; E is its weight flattened). It was chosen for a GPU: cuDNN's layout conversions and
-    implicit GEMM for that convolution took about a tenth of an H100's time training ViT-Ti/16
-    (benchmarks/RESULTS.md; this form's own time there is still to be measured).
+    implicit GEMM for that convolution took about a tenth of an H100's time training ViT-Ti/16,
+    and with this form our training step overtook timm's by 5-10% (benchmarks/RESULTS.md).
     """
 
     def __init__(self, patch_size: int, in_channels: int, embed_dim: int):
@@ -115,9 +121,10 @@ class LinearProjector(nn.Module):
         self.grid = tuple(grid)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: nn.Dropout) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d)) V over the last two dimensions: (..., T, d) -> (..., T, d)."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: nn.Dropout, scale: float) -> torch.Tensor:
+    """softmax(scale Q K^T) V over the last two dimensions, scale = s / sqrt(d) (the paper's s = 1):
+    (..., T, d) -> (..., T, d)."""
+    scores = (q * scale) @ k.transpose(-2, -1)
     return dropout(scores.softmax(dim=-1)) @ v
 
 
@@ -134,8 +141,8 @@ class ScaledDotProductAttention(nn.Module):
         self.v = nn.Linear(embed_dim, qkv_dim)
         self.dropout = nn.Dropout(dropout_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return attend(self.q(x), self.k(x), self.v(x), self.dropout)
+    def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        return attend(self.q(x), self.k(x), self.v(x), self.dropout, scale)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -148,12 +155,21 @@ class MultiHeadSelfAttention(nn.Module):
     heads; V heads], each head d rows, the layout of timm and of the fused implementations.
     """
 
-    def __init__(self, embed_dim: int, qkv_dim: int, n_heads: int, dropout_rate: float, attention: str):
+    def __init__(
+        self,
+        embed_dim: int,
+        qkv_dim: int,
+        n_heads: int,
+        dropout_rate: float,
+        attention: str,
+        attention_scale: float = 1.0,
+    ):
         super().__init__()
         if attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
         self.attention, self.n_heads, self.qkv_dim = attention, n_heads, qkv_dim
         self.dropout_rate = dropout_rate
+        self.scale = attention_scale * qkv_dim**-0.5  # of Q K^T
         if attention == "separate":
             self.heads = nn.ModuleList(
                 ScaledDotProductAttention(embed_dim, qkv_dim, dropout_rate) for _ in range(n_heads)
@@ -168,14 +184,15 @@ class MultiHeadSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.attention == "separate":
-            heads = torch.cat([head(x) for head in self.heads], dim=-1)
+            heads = torch.cat([head(x, self.scale) for head in self.heads], dim=-1)
         else:
             batch, tokens, _ = x.shape
             q, k, v = self.qkv(x).view(batch, tokens, 3, self.n_heads, self.qkv_dim).permute(2, 0, 3, 1, 4)
             if self.attention == "sdpa":
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_rate if self.training else 0.0)
+                dropout = self.dropout_rate if self.training else 0.0
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
             else:
-                out = attend(q, k, v, self.attn_dropout)
+                out = attend(q, k, v, self.attn_dropout, self.scale)
             heads = out.transpose(1, 2).reshape(batch, tokens, self.n_heads * self.qkv_dim)
         return self.proj_dropout(self.proj(heads))
 
@@ -254,10 +271,12 @@ class EncoderBlock(nn.Module):
     (N, T, D) -> (N, T, D)
     """
 
-    def __init__(self, embed_dim, qkv_dim, mlp_hidden_size, n_heads, dropout_rate, drop_path_rate, attention):
+    def __init__(
+        self, embed_dim, qkv_dim, mlp_hidden_size, n_heads, dropout_rate, drop_path_rate, attention, attention_scale
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.attn = MultiHeadSelfAttention(embed_dim, qkv_dim, n_heads, dropout_rate, attention)
+        self.attn = MultiHeadSelfAttention(embed_dim, qkv_dim, n_heads, dropout_rate, attention, attention_scale)
         self.norm2 = nn.LayerNorm(embed_dim, eps=1e-6)
         self.mlp = MLP(embed_dim, mlp_hidden_size, dropout_rate)
         self.drop_path = DropPath(drop_path_rate)
@@ -273,7 +292,9 @@ class ViT(nn.Module):
     (N, C, H, W) -> (N, n_classes) logits
 
     ``drop_path_rate`` is the stochastic-depth rate of the last block, rising linearly from 0
-    at the first (as in DeiT). ``config`` holds every constructor argument, so
+    at the first (as in DeiT). ``attention_scale`` multiplies the attention logits beyond
+    1/sqrt(d): 1 as trained, set by ``set_image_size(..., scale_attention=True)`` at other
+    sizes. ``config`` holds every constructor argument, so
     ``ViT(**model.config)`` rebuilds the architecture of a checkpoint.
     """
 
@@ -291,6 +312,7 @@ class ViT(nn.Module):
         dropout_rate: float = 0.0,
         attention: str = "sdpa",
         drop_path_rate: float = 0.0,
+        attention_scale: float = 1.0,
     ):
         super().__init__()
         image_size = _pair(image_size)
@@ -307,6 +329,7 @@ class ViT(nn.Module):
             dropout_rate=dropout_rate,
             attention=attention,
             drop_path_rate=drop_path_rate,
+            attention_scale=attention_scale,
         )
         self.projector = LinearProjector(image_size, patch_size, in_channels, embed_dim, dropout_rate)
         self.blocks = nn.Sequential(
@@ -319,6 +342,7 @@ class ViT(nn.Module):
                     dropout_rate,
                     drop_path_rate * i / max(n_layers - 1, 1),
                     attention,
+                    attention_scale,
                 )
                 for i in range(n_layers)
             )
@@ -362,12 +386,23 @@ class ViT(nn.Module):
         parameter = next(self.parameters())
         return other.to(device=parameter.device, dtype=parameter.dtype).train(self.training)
 
-    def set_image_size(self, image_size, mode: str = "bicubic", antialias: bool = True) -> ViT:
+    def set_image_size(
+        self, image_size, mode: str = "bicubic", antialias: bool = True, scale_attention: bool = False
+    ) -> ViT:
         """Switches the model to another input size for good by interpolating the position
-        embeddings of the patch grid (the class token's embedding is kept). Returns self."""
+        embeddings of the patch grid (the class token's embedding is kept). With
+        ``scale_attention``, the attention logits are also scaled by log T_new / log T_old for
+        T tokens, so that ``attention_scale`` is log T / log T_trained however many times the
+        size changes. Returns self."""
         image_size = _pair(image_size)
+        old_tokens = 1 + self.projector.grid[0] * self.projector.grid[1]
         self.projector.set_grid(_grid(image_size, self.config["patch_size"]), mode=mode, antialias=antialias)
         self.config["image_size"] = list(image_size)
+        if scale_attention:
+            new_tokens = 1 + self.projector.grid[0] * self.projector.grid[1]
+            self.config["attention_scale"] *= math.log(new_tokens) / math.log(old_tokens)
+            for block in self.blocks:
+                block.attn.scale = self.config["attention_scale"] * block.attn.qkv_dim**-0.5
         return self
 
     @classmethod

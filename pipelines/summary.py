@@ -29,7 +29,13 @@ def build_summary(mode: str, preset: str, steps: dict[str, dict]) -> dict:
         "evaluate": {key: evaluated[key] for key in ("image_size", "test_accuracy", "test_loss")},
         "highres": {
             key: highres[key]
-            for key in ("image_size", "test_accuracy_bilinear", "test_accuracy_bicubic", "test_accuracy_finetuned")
+            for key in (
+                "image_size",
+                "test_accuracy_bilinear",
+                "test_accuracy_bicubic",
+                "test_accuracy_bicubic_scaled",
+                "test_accuracy_finetuned",
+            )
         },
         "benchmark": {"rows": steps["benchmark_attention"]["rows"]},
         "clearml": {name: result["clearml"] for name, result in steps.items()},
@@ -44,6 +50,7 @@ def results_table(summary: dict) -> pd.DataFrame:
         f"test accuracy @ {evaluated['image_size']}": evaluated["test_accuracy"],
         f"test accuracy @ {size}, bilinear pos-embed": highres["test_accuracy_bilinear"],
         f"test accuracy @ {size}, bicubic pos-embed": highres["test_accuracy_bicubic"],
+        f"test accuracy @ {size}, bicubic, attention scaled": highres["test_accuracy_bicubic_scaled"],
         f"test accuracy @ {size}, bicubic + fine-tuned": highres["test_accuracy_finetuned"],
     }
     rows = [(name, "-" if value is None else f"{value:.4f}") for name, value in accuracies.items()]

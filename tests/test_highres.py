@@ -20,8 +20,9 @@ def test_highres_switches_the_grid_evaluates_and_finetuning_lowers_the_loss(smok
     )
     assert result["image_size"] == 48 and result["trained_image_size"] == 32
     assert "got 48x48" in result["no_resize_error"] and "set_image_size(48)" in result["no_resize_error"]
-    for mode in ("bilinear", "bicubic", "finetuned"):
+    for mode in ("bilinear", "bicubic", "bicubic_scaled", "finetuned"):
         assert 0.1 < result[f"test_accuracy_{mode}"] <= 1.0  # well above chance (0.1) after the resize
+    assert result["test_loss_bicubic_scaled"] != result["test_loss_bicubic"]  # the scaling changed the model
     assert result["test_loss_finetuned"] < result["test_loss_bicubic"]
     assert len(result["finetune_losses"]) == 30
     assert json.loads((tmp_path / "highres.json").read_text())["checkpoint"] == result["checkpoint"]

@@ -74,7 +74,15 @@ def test_the_local_run_end_to_end(tmp_path):
     }
     assert summary["highres"] == {
         "image_size": 56,
-        **{k: highres[k] for k in ("test_accuracy_bilinear", "test_accuracy_bicubic", "test_accuracy_finetuned")},
+        **{
+            k: highres[k]
+            for k in (
+                "test_accuracy_bilinear",
+                "test_accuracy_bicubic",
+                "test_accuracy_bicubic_scaled",
+                "test_accuracy_finetuned",
+            )
+        },
     }
     assert summary["benchmark"]["rows"] == benchmark["rows"] and len(benchmark["rows"]) == 16
     assert summary["evaluate"]["test_accuracy"] > 0.3  # it learned: chance is 0.1
