@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements behind benchmarks/RESULTS.md, as run on a lent H100 with no network.
 #   bash benchmarks/gpu_checks.sh attention  # the separate/fused/sdpa sweep (about 2 minutes)
-#   bash benchmarks/gpu_checks.sh speed   # training throughput, syncs per step, a profile (about 6)
+#   bash benchmarks/gpu_checks.sh speed   # training throughput, syncs per step, a profile (about 9)
 #   bash benchmarks/gpu_checks.sh breakdown  # the training step piece by piece, without and with CUDA graphs (2)
 #   bash benchmarks/gpu_checks.sh recipe [OVERRIDES]  # vit-ti16-224 from scratch, evaluate, highres at 384 (about 6)
 #   bash benchmarks/gpu_checks.sh ablate "--rand-augment 0" "--epochs 200" ...  # one run per override set
@@ -59,7 +59,7 @@ if [ "$part" = attention ]; then
     --output-json "$OUT/attention.json"
 elif [ "$part" = speed ]; then
   small=${SMALL:+--small}
-  step 360 "$OUT/throughput.log" python3 benchmarks/train_throughput.py --data "$DATA" $small \
+  step 420 "$OUT/throughput.log" python3 benchmarks/train_throughput.py --data "$DATA" $small \
     --steps 10 --warmup 3 --repeats 3 --component-epochs 15 --output-json "$OUT/throughput.json"
   if [ "$device" = cuda ]; then
     step 90 "$OUT/syncs.log" python3 benchmarks/count_syncs.py --data "$DATA"
@@ -69,7 +69,7 @@ elif [ "$part" = speed ]; then
 elif [ "$part" = breakdown ]; then
   small=(); [ -n "${SMALL:-}" ] && small=(--preset smoke --steps 3 --warmup 1)
   for mode in default reduce-overhead; do
-    step 90 "$OUT/breakdown-$mode.log" python3 benchmarks/step_breakdown.py --data "$DATA" --rand-augment 0 \
+    step 90 "$OUT/breakdown-$mode.log" python3 benchmarks/step_breakdown.py --data "$DATA" \
       --compile $mode "${small[@]}"
   done
 elif [ "$part" = recipe ]; then
