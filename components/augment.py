@@ -21,6 +21,7 @@ Nothing here synchronises the host with the device.
 
 from __future__ import annotations
 
+import functools
 import math
 from itertools import product
 from typing import NamedTuple
@@ -137,15 +138,23 @@ def random_erasing_box(rng: np.random.Generator, probability: float) -> np.ndarr
     return box
 
 
-def augment(images: torch.Tensor, draws: Draws) -> torch.Tensor:
+def augment(images: torch.Tensor, draws: Draws, compiled: bool = False) -> torch.Tensor:
     """uint8 images (N, S, S, 3) of the whole split and a batch's draws, both on the device ->
     float model input (B, 3, S, S) in [-1, 1]. The pixel operations run in float16 on a GPU,
     where each of their passes is bound by memory traffic and 0-255 is exact in half
-    precision; in float32 on a CPU, which is slow at half."""
-    dtype = torch.float16 if images.device.type == "cuda" else torch.float32
+    precision; in float32 on a CPU, which is slow at half. ``compiled``: the warp and erasing
+    through torch.compile, which fuses their dozen passes over the batch into a few kernels
+    (on an H100 the eager augmentation took 2.1 ms a batch of 256, 15% of a step with CUDA
+    graphs); the pixel operations stay eager, their group sizes change every batch."""
+    dtype = torch.float16 if images.device.type == "cuda" and any(draws.group_sizes) else torch.float32
     batch = images.index_select(0, draws.index).permute(0, 3, 1, 2)
     pixels = batch.to(dtype, memory_format=torch.contiguous_format)
-    return warp(rand_augment_pixels(pixels, draws), draws.geometry, draws.box)
+    return (_compiled_warp() if compiled else warp)(rand_augment_pixels(pixels, draws), draws.geometry, draws.box)
+
+
+@functools.cache
+def _compiled_warp():
+    return torch.compile(warp, dynamic=False)
 
 
 def rand_augment_pixels(pixels: torch.Tensor, draws: Draws) -> torch.Tensor:
@@ -171,7 +180,7 @@ def warp(pixels: torch.Tensor, geometry: torch.Tensor, boxes: torch.Tensor | Non
     rows = (side >= top[:, None]) & (side < (top + height)[:, None])
     columns = (side >= left[:, None]) & (side < (left + width)[:, None])
     erased = (rows[:, :, None] & columns[:, None, :])[:, None]
-    return torch.where(erased, torch.rand_like(x).mul_(2.0).sub_(1.0), x)
+    return torch.where(erased, torch.empty_like(x).uniform_(-1.0, 1.0), x)
 
 
 def sampling_grid(geometry: torch.Tensor, side: int) -> torch.Tensor:
@@ -264,13 +273,13 @@ def mix(images: torch.Tensor, targets: torch.Tensor, config: TrainConfig) -> tup
     alpha = config.mixup_alpha if kind == "mixup" else config.cutmix_alpha
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     if kind == "mixup":
-        images = images * lam + images.flip(0) * (1 - lam)
+        images = torch.lerp(images.flip(0), images, lam)  # lam x images + (1 - lam) x reversed
     else:
         height, width = images.shape[-2:]
         cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
         top, left = int(torch.randint(height - cut_h + 1, ())), int(torch.randint(width - cut_w + 1, ()))
         rows, columns = slice(top, top + cut_h), slice(left, left + cut_w)
         images = images.clone()
-        images[..., rows, columns] = images.flip(0)[..., rows, columns]
+        images[..., rows, columns] = images[..., rows, columns].flip(0)
         lam = 1 - cut_h * cut_w / (height * width)
     return images, targets * lam + targets.flip(0) * (1 - lam)

@@ -97,7 +97,8 @@ def batch_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A training batch: its augmented (and mixed) input images (B, 3, H, W), labels (B,) and
     soft targets (B, K) (label smoothing, then mixup/cutmix)."""
-    images, labels = augment(train_images, draws), train_labels.index_select(0, draws.index)
+    compiled_warp = compile_mode(config, train_images.device) != "off"
+    images, labels = augment(train_images, draws, compiled_warp), train_labels.index_select(0, draws.index)
     targets = F.one_hot(labels, n_classes).float()
     targets = targets * (1 - config.label_smoothing) + config.label_smoothing / n_classes
     images, targets = mix(images, targets, config)

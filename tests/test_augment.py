@@ -178,6 +178,17 @@ def test_erased_boxes_are_random_pixels_and_the_rest_is_untouched():
     assert not changed[torch.from_numpy(~erased)].any()
 
 
+def test_the_compiled_warp_computes_what_the_eager_one_does():
+    draws = random_draws(rand_augment=2, random_erasing=0.5)
+    drawn = draws.collate([draws[(epoch, i)] for epoch in range(4) for i in range(len(IMAGES))])
+    eager, compiled = augment(IMAGES, drawn), augment(IMAGES, drawn, compiled=True)
+    erased = (drawn.box[:, 2] > 0).numpy()  # their boxes hold random pixels, from another generator
+    assert 0 < erased.sum() < len(erased)
+    torch.testing.assert_close(compiled[~erased], eager[~erased], atol=1e-4, rtol=0)
+    outside = (compiled - eager).abs().amax(1) < 1e-4  # erased images agree outside their box
+    assert outside[erased].float().mean() > 0.6
+
+
 def test_mixed_targets_stay_distributions_weighted_by_what_was_mixed():
     torch.manual_seed(0)
     images = torch.arange(4.0)[:, None, None, None].expand(4, 3, 8, 8).contiguous()
