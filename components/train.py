@@ -176,6 +176,24 @@ class DeviceScalars:
             yield host.item(), along
 
 
+class Stopwatch:
+    """Host seconds by phase of the training loop: ``lap(phase)`` adds the time since the
+    previous lap to ``phase``. On a GPU a step's time is what the host spent issuing it, which
+    includes waiting whenever the device is behind."""
+
+    def __init__(self):
+        self.seconds, self.last = collections.Counter(), time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.last
+        self.last = now
+
+    def restart(self) -> None:
+        self.seconds.clear()
+        self.last = time.perf_counter()
+
+
 def report_step(tracker, progress: tqdm, loss: float, step: int, lr: float, images_per_second: float) -> None:
     tracker.scalar("loss", "train (step)", loss, step)
     tracker.scalar("learning rate", "lr", lr, step)
@@ -255,8 +273,9 @@ def training_batches(size: int, config: TrainConfig, first_epoch: int, device: t
 def train(data: str, preset_name: str, output: Path, resume: bool = False, device: str = "auto", **overrides) -> dict:
     """Trains and returns ``{"checkpoint" (best.pt), "last_checkpoint", "image_size", "epochs"
     (those that ended in a validation), "train_loss" (mean since the previous validation),
-    "val_accuracy", "val_loss" (one per validation), "images_per_second" (after the first
-    epoch), "classes", "data_version", "model_id" (with a server), "plots", "clearml"}``; also
+    "val_accuracy", "val_loss" (one per validation), "images_per_second" and "seconds_by_phase"
+    (of the loop, after the first epoch), "classes", "data_version", "model_id" (with a server),
+    "plots", "clearml"}``; also
     written to ``output/train.json``."""
     output = Path(output)
     config = preset(preset_name, **overrides)
@@ -322,8 +341,10 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         unreported_from = first_epoch
         window_start, window_images = time.perf_counter(), 0
         saved_at, timed_from = time.monotonic(), None
+        stopwatch = Stopwatch()
         model.train()
         for batch in on_device(loader, device):
+            stopwatch.lap("waiting for the data loader")
             epoch = step // steps_per_epoch
             if step % steps_per_epoch == 0:
                 torch.manual_seed(config.seed * 10_007 + epoch)  # dropout, drop path, erasing, mixup: per epoch
@@ -346,6 +367,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                 window_start, window_images = time.perf_counter(), 0
             for value, logged in step_losses.arrived():
                 report_step(tracker, progress, value, **logged)
+            stopwatch.lap("training steps")
 
             last_epoch = epoch + 1 == config.epochs
             if step % steps_per_epoch == 0 and ((epoch + 1) % config.validate_every == 0 or last_epoch):
@@ -394,8 +416,10 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                     f"epoch {epoch + 1}/{config.epochs}: train loss {history['train_loss'][-1]:.4f}, "
                     f"valid loss {val_loss:.4f}, valid accuracy {val_accuracy:.4f}"
                 )
+            stopwatch.lap("validation and checkpoints")
             if step == (first_epoch + 1) * steps_per_epoch:  # throughput is timed after the first epoch
                 timed_from = time.perf_counter()
+                stopwatch.restart()
         for value, logged in step_losses.arrived(wait=True):
             report_step(tracker, progress, value, **logged)
         progress.close()
@@ -405,6 +429,9 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             if (timed_from and timed_epochs > 0)
             else None
         )
+        if throughput:
+            shares = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in stopwatch.seconds.most_common())
+            print(f"after the first epoch: {throughput:.0f} images/s; the loop's time went to {shares}")
 
         figure = curves_figure(
             {
@@ -429,6 +456,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             "val_accuracy": history["val_accuracy"],
             "val_loss": history["val_loss"],
             "images_per_second": throughput,
+            "seconds_by_phase": dict(stopwatch.seconds),
             "classes": classes,
             "data_version": dataset.version,
             "model_id": model_id,

@@ -24,6 +24,9 @@ def test_smoke_training_learns_and_leaves_an_offline_session(smoke_run):
 
     output = Path(smoke_run["checkpoint"]).parents[1]
     assert json.loads((output / "train.json").read_text())["train_loss"] == losses
+    phases = smoke_run["seconds_by_phase"]  # where the loop's time went after the first epoch
+    assert set(phases) == {"waiting for the data loader", "training steps", "validation and checkpoints"}
+    assert phases["training steps"] > 0 and sum(phases.values()) > 0
     session = read_session(smoke_run["clearml"])
     assert scalars(session, "loss", "train") == pytest.approx(losses)
     assert scalars(session, "accuracy", "valid") == pytest.approx(smoke_run["val_accuracy"])
