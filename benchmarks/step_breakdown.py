@@ -11,7 +11,8 @@ Rows, each adding to the one before:
 3. + data loader: the draws from the loader processes, copied on a side stream;
 
 and two rows alone: the augmentation (`batch_inputs` from draws on the device) and the data
-loader (draws arriving on the device). The model is compiled once; its first steps are untimed.
+loader (draws arriving on the device). The model is compiled once; its first steps are untimed,
+and the rows take turns, each the median of ``--repeats`` rounds.
 Where row 1 is well below `train_throughput.py`'s model step, the difference is the training
 configuration (drop path, clipping, the loss); where a row falls below the one before, what it
 adds costs more host time than the device time it can hide behind.
@@ -25,16 +26,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.train_throughput import round_robin_throughput  # noqa: E402
 from components.augment import RandomDraws  # noqa: E402
 from components.data import decode_split, resolve  # noqa: E402
 from components.devices import pick_device  # noqa: E402
@@ -50,25 +49,6 @@ from components.train import (  # noqa: E402
     optimization_step,
     training_batches,
 )
-
-
-def images_per_second(
-    step: Callable[[], None], batch_size: int, steps: int, warmup: int, repeats: int, device: torch.device
-) -> float:
-    """Median images/s over ``repeats`` rounds of ``steps`` calls, after ``warmup`` calls."""
-    for _ in range(warmup):
-        step()
-    rates = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        rates.append(steps * batch_size / (time.perf_counter() - started))
-    return statistics.median(rates)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         f"RandAugment {config.rand_augment}, compile {compile_mode(config, device)}) on {name}, "
         f"torch {torch.__version__}"
     )
-    for row, step in rows.items():
-        speed = images_per_second(step, config.batch_size, args.steps, args.warmup, args.repeats, device)
+    speeds = round_robin_throughput(rows, config.batch_size, args.steps, args.warmup, args.repeats, device)
+    for row, speed in speeds.items():
         print(f"{row:<42} {speed:10.1f} img/s {1000 * config.batch_size / speed:8.2f} ms/step", flush=True)
 
 
