@@ -275,8 +275,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
     (those that ended in a validation), "train_loss" (mean since the previous validation),
     "val_accuracy", "val_loss" (one per validation), "images_per_second" and "seconds_by_phase"
     (of the loop, after the first epoch), "classes", "data_version", "model_id" (with a server),
-    "plots", "clearml"}``; also
-    written to ``output/train.json``."""
+    "plots", "clearml"}``; also written to ``output/train.json``."""
     output = Path(output)
     config = preset(preset_name, **overrides)
     device = pick_device(device)
