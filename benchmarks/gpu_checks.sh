@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_checks.sh speed   # training throughput, syncs per step, a profile (about 9)
 #   bash benchmarks/gpu_checks.sh breakdown  # the training step piece by piece, without and with CUDA graphs (2)
 #   bash benchmarks/gpu_checks.sh recipe [OVERRIDES]  # vit-ti16-224 from scratch, evaluate, highres at 384 (about 6)
-#   bash benchmarks/gpu_checks.sh ablate "--rand-augment 0" "--epochs 200" ...  # one run per override set
+#   bash benchmarks/gpu_checks.sh ablate "--rand-augment 2" "--epochs 900" ...  # one run per override set
 # DATA is the Fashion-MNIST stand-in archive; OUT receives the logs and JSON results.
 # DEADLINE (seconds since the epoch) cuts every step's time limit to what is left before it,
 # so that several parts run in one device call end inside the call's limit (one tarball back,
