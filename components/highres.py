@@ -5,9 +5,10 @@ Side by side on the test split, with the images resized to the new size:
 1. no resize: the model refuses the new size with its own error;
 2. position embeddings interpolated in 2D, bilinear;
 3. interpolated, bicubic (the default);
-4. bicubic, and the attention logits scaled by log T / log T_trained for T tokens (577 and 197
-   at 384 and 224 for patch 16): more tokens spread each query's softmax thinner, and the model
-   was never trained with so many; this keeps the attention about as sharp as in training;
+4. bicubic, and the attention logits multiplied by the factor (1 to 2, or 1 to 1/2 when the
+   size shrinks) that gives the lowest loss on the validation split at the new size: with
+   577 tokens instead of 197 the model does better with sharper attention than it was
+   trained with (benchmarks/RESULTS.md); no gradient step, one number chosen;
 5. bicubic and then fine-tuned at the new size for a short schedule, as the paper does
    (SGD with momentum 0.9, gradient clipping, cosine decay; ``--finetune-steps 0`` skips it);
 
@@ -36,14 +37,14 @@ from components.augment import RandomDraws, augment
 from components.data import DataError, decode_split, resolve, to_input
 from components.devices import pick_device
 from components.evaluate import accuracy, predict
-from components.plots import grouped_bars_figure, similarity_figure
+from components.plots import curves_figure, grouped_bars_figure, similarity_figure
 from components.presets import TrainConfig
 from components.tracking import open_task
 from components.train import EpochBatches, learning_rate, on_device
 from model import ViT
 
 
-def test_metrics(model: ViT, images: np.ndarray, labels: np.ndarray, device: torch.device) -> dict:
+def split_metrics(model: ViT, images: np.ndarray, labels: np.ndarray, device: torch.device) -> dict:
     logits = predict(model.to(device), images, device)
     return {"accuracy": accuracy(logits, labels), "loss": F.cross_entropy(logits, torch.from_numpy(labels)).item()}
 
@@ -78,6 +79,23 @@ def finetune(
     return torch.stack(losses).tolist()  # read once: no synchronisation per step
 
 
+def calibrate_attention(
+    model: ViT, images: np.ndarray, labels: np.ndarray, device: torch.device, trained_tokens: int, steps: int = 10
+) -> pd.DataFrame:
+    """Sets the model's attention scale to the factor with the lowest loss on ``images``
+    (the validation split) among 1 to 2 in ``steps`` geometric steps (1 to 1/2 if the model
+    now has fewer tokens than ``trained_tokens``); returns every factor's loss and accuracy."""
+    tokens = 1 + model.projector.grid[0] * model.projector.grid[1]
+    direction = 1 if tokens >= trained_tokens else -1
+    factors = 2.0 ** (direction * np.linspace(0, 1, steps + 1))
+    curve = pd.DataFrame(
+        {"factor": float(factor), **split_metrics(model.set_attention_scale(factor), images, labels, device)}
+        for factor in factors
+    )
+    model.set_attention_scale(curve["factor"][curve["loss"].idxmin()])
+    return curve
+
+
 def _patch_grid(model: ViT) -> np.ndarray:
     height, width = model.projector.grid
     return model.projector.pos_embed.detach()[0, 1:].reshape(height, width, -1).float().cpu().numpy()
@@ -95,9 +113,9 @@ def highres(
     device: str = "auto",
 ) -> dict:
     """Runs the variants and returns ``{"image_size", "test_accuracy_bilinear",
-    "test_accuracy_bicubic", "test_accuracy_bicubic_scaled", "test_accuracy_finetuned",
-    "checkpoint" (the fine-tuned model, else the bicubic one), ...}``; also written to
-    ``output_json``."""
+    "test_accuracy_bicubic", "test_accuracy_bicubic_calibrated", "attention_scale" (its factor),
+    "test_accuracy_finetuned", "checkpoint" (the fine-tuned model, else the bicubic one), ...}``;
+    also written to ``output_json``."""
     output_json = Path(output_json)
     device = pick_device(device)
     with open_task(output_json.stem, "testing", output_json.parent, title=f"highres {image_size}") as tracker:
@@ -121,7 +139,7 @@ def highres(
             reference = json.loads(Path(reference_json).read_text())
             reference = {"accuracy": reference["test_accuracy"], "loss": reference["test_loss"]}
         else:
-            reference = test_metrics(trained, *decode_split(dataset, "test", native), device)
+            reference = split_metrics(trained, *decode_split(dataset, "test", native), device)
 
         try:  # 1. as trained: the model must refuse, and say how to fix it
             trained.to(device).eval()(to_input(torch.from_numpy(images[:1]).to(device)))
@@ -131,14 +149,17 @@ def highres(
         print(f"no resize: {no_resize_error}")
 
         variants, metrics = {}, {}
-        for name, mode, scale_attention in (  # 2., 3. and 4.
-            ("bilinear", "bilinear", False),
-            ("bicubic", "bicubic", False),
-            ("bicubic_scaled", "bicubic", True),
-        ):
+        for name, mode in (("bilinear", "bilinear"), ("bicubic", "bicubic"), ("bicubic_calibrated", "bicubic")):
             model, _ = checkpoints.load_model(Path(params["checkpoint"]))
-            variants[name] = model.set_image_size(size, mode=mode, scale_attention=scale_attention)
-            metrics[name] = test_metrics(variants[name], images, labels, device)
+            variants[name] = model.set_image_size(size, mode=mode)
+        trained_tokens = 1 + trained.projector.grid[0] * trained.projector.grid[1]
+        calibration = calibrate_attention(  # 4.
+            variants["bicubic_calibrated"], *decode_split(dataset, "valid", size), device, trained_tokens
+        )
+        attention_scale = variants["bicubic_calibrated"].config["attention_scale"]
+        print(f"attention scale chosen on the validation split: {attention_scale:.3f}")
+        for name, model in variants.items():  # 2., 3. and 4.
+            metrics[name] = split_metrics(model, images, labels, device)
 
         finetuned_metrics, finetune_losses = None, []
         result_model = variants["bicubic"]
@@ -159,7 +180,7 @@ def highres(
             finetune_losses = finetune(model, train_images, train_labels, config, params["finetune_steps"], device)
             for step, loss in enumerate(finetune_losses):
                 tracker.scalar("fine-tune loss", f"train @ {size}", loss, step)
-            finetuned_metrics = test_metrics(model, images, labels, device)
+            finetuned_metrics = split_metrics(model, images, labels, device)
             result_model = model
 
         table = pd.DataFrame(
@@ -168,7 +189,11 @@ def highres(
                 {"variant": "no resize", "image_size": size, "accuracy": None, "loss": None},
                 {"variant": "interpolated, bilinear", "image_size": size, **metrics["bilinear"]},
                 {"variant": "interpolated, bicubic", "image_size": size, **metrics["bicubic"]},
-                {"variant": "bicubic, attention scaled", "image_size": size, **metrics["bicubic_scaled"]},
+                {
+                    "variant": f"bicubic, attention x{attention_scale:.2f}",
+                    "image_size": size,
+                    **metrics["bicubic_calibrated"],
+                },
                 {
                     "variant": f"bicubic + fine-tuned {params['finetune_steps']} steps",
                     "image_size": size,
@@ -187,6 +212,14 @@ def highres(
         )
         figure.savefig(output_json.with_suffix(".png"), dpi=120)
         tracker.figure("accuracy by variant", figure)
+        calibration_figure = curves_figure(
+            {"validation loss": list(calibration["loss"]), "validation accuracy": list(calibration["accuracy"])},
+            "attention logits multiplied by",
+            f"at {size}",
+            x=list(calibration["factor"]),
+        )
+        calibration_figure.savefig(output_json.with_suffix(".attention.png"), dpi=120)
+        tracker.figure("attention scale on the validation split", calibration_figure)
         similarity = similarity_figure(
             {f"trained ({native})": _patch_grid(trained), f"bicubic ({size})": _patch_grid(variants["bicubic"])}
         )
@@ -207,10 +240,12 @@ def highres(
             "test_accuracy_finetuned": finetuned_metrics and finetuned_metrics["accuracy"],
             **{f"test_loss_{name}": metrics[name]["loss"] for name in metrics},
             "test_loss_finetuned": finetuned_metrics and finetuned_metrics["loss"],
+            "attention_scale": attention_scale,
+            "attention_calibration": calibration.to_dict(orient="records"),
             "finetune_losses": finetune_losses,
             "checkpoint": str(model_path),
             "model_id": model_id,
-            "plots": [str(output_json.with_suffix(".png")), str(output_json.with_suffix(".pos_embed.png"))],
+            "plots": [str(output_json.with_suffix(suffix)) for suffix in (".png", ".attention.png", ".pos_embed.png")],
         }
         tracker.artifact("metrics", {k: v for k, v in result.items() if k not in ("finetune_losses", "plots")})
     result["clearml"] = tracker.session

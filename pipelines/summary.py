@@ -33,7 +33,8 @@ def build_summary(mode: str, preset: str, steps: dict[str, dict]) -> dict:
                 "image_size",
                 "test_accuracy_bilinear",
                 "test_accuracy_bicubic",
-                "test_accuracy_bicubic_scaled",
+                "test_accuracy_bicubic_calibrated",
+                "attention_scale",
                 "test_accuracy_finetuned",
             )
         },
@@ -50,7 +51,9 @@ def results_table(summary: dict) -> pd.DataFrame:
         f"test accuracy @ {evaluated['image_size']}": evaluated["test_accuracy"],
         f"test accuracy @ {size}, bilinear pos-embed": highres["test_accuracy_bilinear"],
         f"test accuracy @ {size}, bicubic pos-embed": highres["test_accuracy_bicubic"],
-        f"test accuracy @ {size}, bicubic, attention scaled": highres["test_accuracy_bicubic_scaled"],
+        f"test accuracy @ {size}, bicubic, attention x{highres['attention_scale']:.2f}": highres[
+            "test_accuracy_bicubic_calibrated"
+        ],
         f"test accuracy @ {size}, bicubic + fine-tuned": highres["test_accuracy_finetuned"],
     }
     rows = [(name, "-" if value is None else f"{value:.4f}") for name, value in accuracies.items()]

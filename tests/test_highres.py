@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from components import checkpoints
-from components.highres import highres
+from components.data import decode_split, resolve
+from components.highres import calibrate_attention, highres, split_metrics
 from tests.conftest import FASHION_ZIP
 
 
@@ -20,9 +24,19 @@ def test_highres_switches_the_grid_evaluates_and_finetuning_lowers_the_loss(smok
     )
     assert result["image_size"] == 48 and result["trained_image_size"] == 32
     assert "got 48x48" in result["no_resize_error"] and "set_image_size(48)" in result["no_resize_error"]
-    for mode in ("bilinear", "bicubic", "bicubic_scaled", "finetuned"):
+    for mode in ("bilinear", "bicubic", "bicubic_calibrated", "finetuned"):
         assert 0.1 < result[f"test_accuracy_{mode}"] <= 1.0  # well above chance (0.1) after the resize
-    assert result["test_loss_bicubic_scaled"] != result["test_loss_bicubic"]  # the scaling changed the model
+
+    # the attention scale: the factor in [1, 2] with the lowest validation loss, paper's attention first
+    curve = result["attention_calibration"]
+    assert curve[0]["factor"] == 1.0 and curve[-1]["factor"] == pytest.approx(2.0) and len(curve) == 11
+    best = min(curve, key=lambda row: row["loss"])
+    assert result["attention_scale"] == best["factor"]
+    if best["factor"] == 1.0:
+        assert result["test_loss_bicubic_calibrated"] == pytest.approx(result["test_loss_bicubic"])
+    else:
+        assert result["test_loss_bicubic_calibrated"] != result["test_loss_bicubic"]
+    assert len({row["loss"] for row in curve}) == len(curve)  # each factor changed the model
     assert result["test_loss_finetuned"] < result["test_loss_bicubic"]
     assert len(result["finetune_losses"]) == 30
     assert json.loads((tmp_path / "highres.json").read_text())["checkpoint"] == result["checkpoint"]
@@ -36,4 +50,18 @@ def test_highres_without_finetuning_reports_null(smoke_run, tmp_path):
         smoke_run["checkpoint"], str(FASHION_ZIP), tmp_path / "h.json", image_size=64, finetune_steps=0, device="cpu"
     )
     assert result["test_accuracy_finetuned"] is None and result["finetune_losses"] == []
+    assert len(result["attention_calibration"]) == 11 and 1.0 <= result["attention_scale"] <= 2.0
     assert checkpoints.load_model(result["checkpoint"])[0].projector.grid == (8, 8)
+
+
+def test_calibrate_attention_picks_the_lowest_validation_loss_and_flattens_when_the_grid_shrinks(smoke_run):
+    model, _ = checkpoints.load_model(smoke_run["checkpoint"])
+    trained_tokens = 1 + model.projector.grid[0] * model.projector.grid[1]
+    images, labels = decode_split(resolve(str(FASHION_ZIP)), "valid", 24)
+    model.set_image_size(24)  # 3x3 patches instead of 4x4: fewer tokens, factors from 1 down to 1/2
+    curve = calibrate_attention(model, images, labels, torch.device("cpu"), trained_tokens, steps=4)
+    assert curve["factor"].tolist() == pytest.approx([1.0, 2**-0.25, 2**-0.5, 2**-0.75, 0.5])
+    chosen = curve["factor"][curve["loss"].idxmin()]
+    assert model.config["attention_scale"] == chosen
+    assert all(block.attn.scale == pytest.approx(chosen * block.attn.qkv_dim**-0.5) for block in model.blocks)
+    assert split_metrics(model, images, labels, torch.device("cpu"))["loss"] == pytest.approx(curve["loss"].min())

@@ -1,7 +1,5 @@
 """The ViT against independent references: timm's VisionTransformer and resample_abs_pos_embed."""
 
-import math
-
 import pytest
 import timm
 import torch
@@ -39,23 +37,23 @@ def test_from_timm_matches_timm_at_224_and_after_resizing_to_384(attention):
 
 
 @pytest.mark.parametrize("attention", ATTENTION_IMPLEMENTATIONS)
-def test_scaled_attention_at_384_matches_timm_with_the_same_temperature(attention):
+def test_sharper_attention_at_384_matches_timm_with_the_same_temperature(attention):
     reference = random_timm_vit()
     ours = ViT.from_timm(reference, attention=attention).eval()
     reference.set_input_size(img_size=384)
-    ours.set_image_size(384, scale_attention=True)
-    factor = math.log(1 + 24 * 24) / math.log(1 + 14 * 14)
-    assert ours.config["attention_scale"] == pytest.approx(factor)
+    ours.set_image_size(384).set_attention_scale(1.3)
     for block in reference.blocks:  # timm's explicit path multiplies Q by attn.scale
-        block.attn.fused_attn, block.attn.scale = False, factor * block.attn.head_dim**-0.5
+        block.attn.fused_attn, block.attn.scale = False, 1.3 * block.attn.head_dim**-0.5
     images = torch.randn(2, 3, 384, 384)
     with torch.no_grad():
         assert (ours(images) - reference(images)).abs().max() <= 1e-4
         rebuilt = ViT(**ours.config).eval()  # a checkpoint keeps the scale
         rebuilt.load_state_dict(ours.state_dict())
         assert (rebuilt(images) - ours(images)).abs().max() <= 1e-5
-    ours.set_image_size(224, scale_attention=True)  # back at the trained size: the paper's attention
-    assert ours.config["attention_scale"] == pytest.approx(1.0)
+        ours.set_attention_scale(1.0)  # back to the paper's attention
+        for block in reference.blocks:
+            block.attn.scale = block.attn.head_dim**-0.5
+        assert (ours(images) - reference(images)).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,8 @@ def test_the_local_run_end_to_end(tmp_path):
             for k in (
                 "test_accuracy_bilinear",
                 "test_accuracy_bicubic",
-                "test_accuracy_bicubic_scaled",
+                "test_accuracy_bicubic_calibrated",
+                "attention_scale",
                 "test_accuracy_finetuned",
             )
         },
@@ -96,8 +97,8 @@ def test_the_local_run_end_to_end(tmp_path):
     assert scalars(read_session(sessions["evaluate"]), "accuracy", "test @ 32") == [evaluated["test_accuracy"]]
     assert len(scalars(read_session(sessions["highres"]), "fine-tune loss", "train @ 56")) == 30
 
-    report = (tmp_path / "report.html").read_text()  # curves, confusion, 384 bars, pos-embed, benchmark
-    assert report.count("data:image/png;base64,") == 5 and "clearml-task --import-offline-session" in report
+    report = (tmp_path / "report.html").read_text()  # curves, confusion, 384 bars, attention, pos-embed, benchmark
+    assert report.count("data:image/png;base64,") == 6 and "clearml-task --import-offline-session" in report
     assert "test accuracy @ 56, bicubic + fine-tuned" in run.stdout  # the table on stdout
 
 
