@@ -85,7 +85,7 @@ elif [ "$part" = recipe ]; then
   size=384; [ -n "${SMALL:-}" ] && size=56
   step 90 "$OUT/highres.log" python3 -m components.highres --checkpoint $run/checkpoints/best.pt --data "$DATA" \
     --image-size $size --reference-json $run/eval/evaluate.json --output-json $run/eval/highres.json
-  cp $run/curves.png $run/eval/evaluate.json $run/eval/highres.json $run/eval/highres.pos_embed.png "$OUT/"
+  cp $run/curves.png $run/eval/evaluate.json $run/eval/highres.json $run/eval/highres.*.png "$OUT/"
 elif [ "$part" = ablate ]; then
   # Each argument is one set of overrides of the preset; one line each in ablations.tsv.
   shift
