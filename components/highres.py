@@ -195,7 +195,9 @@ def highres(
                     **metrics["bicubic_calibrated"],
                 },
                 {
-                    "variant": f"bicubic + fine-tuned {params['finetune_steps']} steps",
+                    "variant": f"bicubic + fine-tuned {params['finetune_steps']} steps"
+                    if params["finetune_steps"] > 0
+                    else "bicubic + fine-tuned (skipped: --finetune-steps 0)",
                     "image_size": size,
                     **(finetuned_metrics or {"accuracy": None, "loss": None}),
                 },
