@@ -37,7 +37,7 @@ from components.augment import RandomDraws, augment
 from components.data import DataError, decode_split, resolve, to_input
 from components.devices import pick_device
 from components.evaluate import accuracy, predict
-from components.plots import curves_figure, grouped_bars_figure, similarity_figure
+from components.plots import attention_scale_figure, grouped_bars_figure, similarity_figure
 from components.presets import TrainConfig
 from components.tracking import open_task
 from components.train import EpochBatches, learning_rate, on_device
@@ -214,11 +214,11 @@ def highres(
         )
         figure.savefig(output_json.with_suffix(".png"), dpi=120)
         tracker.figure("accuracy by variant", figure)
-        calibration_figure = curves_figure(
+        calibration_figure = attention_scale_figure(
+            list(calibration["factor"]),
             {"validation loss": list(calibration["loss"]), "validation accuracy": list(calibration["accuracy"])},
-            "attention logits multiplied by",
-            f"at {size}",
-            x=list(calibration["factor"]),
+            attention_scale,
+            f"bicubic position embeddings at {size}, trained at {native}",
         )
         calibration_figure.savefig(output_json.with_suffix(".attention.png"), dpi=120)
         tracker.figure("attention scale on the validation split", calibration_figure)
