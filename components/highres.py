@@ -8,7 +8,7 @@ Side by side on the test split, with the images resized to the new size:
 4. bicubic, and the attention logits multiplied by the factor (1 to 2, or 1 to 1/2 when the
    size shrinks) that gives the lowest loss on the validation split at the new size: with
    577 tokens instead of 197 a briefly trained model does better with sharper attention
-   than it was trained with, a well-trained one keeps 1 (benchmarks/RESULTS.md); no
+   than it was trained with, a well-trained one about 1 (benchmarks/RESULTS.md); no
    gradient step, one number chosen;
 5. bicubic and then fine-tuned at the new size for a short schedule, as the paper does
    (SGD with momentum 0.9, gradient clipping, cosine decay; ``--finetune-steps 0`` skips it);
