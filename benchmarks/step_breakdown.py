@@ -48,6 +48,7 @@ from components.train import (  # noqa: E402
     on_device,
     optimization_step,
     training_batches,
+    training_sizes,
 )
 
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = resolve(args.data)
     n_classes = len(dataset.classes)
     train_images, train_labels = (
-        torch.from_numpy(array).to(device) for array in decode_split(dataset, "train", config.image_size)
+        torch.from_numpy(array).to(device) for array in decode_split(dataset, "train", max(training_sizes(config)))
     )
 
     torch.manual_seed(config.seed)

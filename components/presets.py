@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields, replace
 class TrainConfig:
     model: str = "vit-ti16"
     image_size: int = 224
+    train_sizes: str = ""
     patch_size: int = 0
     attention: str = "sdpa"
     epochs: int = 100
@@ -39,7 +40,10 @@ class TrainConfig:
 
 HELP = {
     "model": "model size: a preset of model/presets.py (vit-tiny-test, vit-mini, vit-ti16, vit-s16, vit-b16)",
-    "image_size": "training image size (square)",
+    "image_size": "the model's image size (square): its position embeddings' grid, validation and checkpoints",
+    "train_sizes": "image sizes to train at, one drawn per step, comma-separated (e.g. 160,224,288): the position "
+    "embeddings are interpolated to each, which keeps the model accurate at sizes it was not trained at; "
+    "empty: image_size alone",
     "patch_size": "patch size; 0 keeps the model preset's",
     "attention": "attention implementation: separate, fused or sdpa",
     "epochs": "training epochs",

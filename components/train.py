@@ -95,10 +95,14 @@ def _moved(draws: Draws, device: torch.device) -> Draws:
 def batch_inputs(
     train_images: torch.Tensor, train_labels: torch.Tensor, draws: Draws, config: TrainConfig, n_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A training batch: its augmented (and mixed) input images (B, 3, H, W), labels (B,) and
-    soft targets (B, K) (label smoothing, then mixup/cutmix)."""
+    """A training batch: its augmented (and mixed) input images (B, 3, s, s) at a size s drawn
+    from `training_sizes`, labels (B,) and soft targets (B, K) (label smoothing, then
+    mixup/cutmix)."""
     compiled_warp = compile_mode(config, train_images.device) != "off"
-    images, labels = augment(train_images, draws, compiled_warp), train_labels.index_select(0, draws.index)
+    sizes = training_sizes(config)
+    size = sizes[int(torch.randint(len(sizes), ()))] if len(sizes) > 1 else sizes[0]
+    images = augment(train_images, draws, compiled_warp, size)
+    labels = train_labels.index_select(0, draws.index)
     targets = F.one_hot(labels, n_classes).float()
     targets = targets * (1 - config.label_smoothing) + config.label_smoothing / n_classes
     images, targets = mix(images, targets, config)
@@ -123,7 +127,9 @@ def compile_mode(config: TrainConfig, device: torch.device) -> str:
 def compiled(model: ViT, config: TrainConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model as the training step calls it: itself, or torch.compile'd in `compile_mode`."""
     mode = compile_mode(config, device)
-    return model if mode == "off" else torch.compile(model, mode=mode)
+    # Static shapes, one graph per training size: with dynamic ones (torch's default after a
+    # second size) the backward of the interpolated position embeddings fails to trace.
+    return model if mode == "off" else torch.compile(model, mode=mode, dynamic=False)
 
 
 def optimization_step(
@@ -139,7 +145,7 @@ def optimization_step(
     cross-entropy, backward, gradient clipping, the optimizer's step; returns (loss, logits)."""
     torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: the last step's outputs are done with
     with autocast:
-        logits = forward(images)
+        logits = forward(images, interpolate_pos_embed=True)  # images may be of another training size
     loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -211,18 +217,40 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int, steps_per_ep
 
 
 def build_model(config: TrainConfig, n_classes: int) -> ViT:
-    overrides = {"patch_size": config.patch_size} if config.patch_size else {}
     return ViT(
-        **model_config(
-            config.model,
-            image_size=config.image_size,
-            n_classes=n_classes,
-            attention=config.attention,
-            dropout_rate=config.dropout_rate,
-            drop_path_rate=config.drop_path_rate,
-            **overrides,
-        )
+        **_architecture(config),
+        image_size=config.image_size,
+        n_classes=n_classes,
+        attention=config.attention,
+        dropout_rate=config.dropout_rate,
+        drop_path_rate=config.drop_path_rate,
     )
+
+
+def _architecture(config: TrainConfig) -> dict:
+    return model_config(config.model, **({"patch_size": config.patch_size} if config.patch_size else {}))
+
+
+def training_sizes(config: TrainConfig) -> tuple[int, ...]:
+    """The image sizes a training step draws from: ``config.train_sizes`` ("160,224,288"), or
+    ``image_size`` alone when it is empty. Training at sizes around the model's own, with the
+    position embeddings interpolated to each, is what keeps a model accurate at 384 without a
+    fine-tune (on the CPU proxy of benchmarks/RESULTS.md, 0.4 points lost instead of 3-4)."""
+    patch_size = _architecture(config)["patch_size"]
+    example = ",".join(str(config.image_size * scale // 7 // patch_size * patch_size) for scale in (5, 7, 9))
+    try:
+        sizes = tuple(int(size) for size in config.train_sizes.split(",")) if config.train_sizes.strip() else ()
+    except ValueError:
+        raise ValueError(
+            f"--train-sizes {config.train_sizes!r}: give image sizes separated by commas, e.g. {example}"
+        ) from None
+    wrong = [size for size in sizes if size <= 0 or size % patch_size]
+    if wrong:
+        raise ValueError(
+            f"--train-sizes {config.train_sizes!r}: {', '.join(map(str, wrong))} is not a positive multiple of "
+            f"the patch size {patch_size}; e.g. {example}"
+        )
+    return sizes or (config.image_size,)
 
 
 def build_optimizer(model: ViT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -279,7 +307,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
     output = Path(output)
     config = preset(preset_name, **overrides)
     device = pick_device(device)
-    compile_mode(config, device)  # a wrong --compile fails before any work
+    compile_mode(config, device), training_sizes(config)  # a wrong --compile or --train-sizes fails before any work
     last_path, best_path = output / "checkpoints" / "last.pt", output / "checkpoints" / "best.pt"
     state = checkpoints.load(last_path) if resume and last_path.is_file() else None
     if resume and state is None:
@@ -296,8 +324,8 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         dataset = resolve(params["data"])
         classes = dataset.classes
         train_images, train_labels = (
-            torch.from_numpy(array).to(device) for array in decode_split(dataset, "train", config.image_size)
-        )  # on the device for the whole run: its augmentation runs there
+            torch.from_numpy(array).to(device) for array in decode_split(dataset, "train", max(training_sizes(config)))
+        )  # on the device for the whole run: its augmentation runs there, resampling to each training size
         valid_images, valid_labels = decode_split(dataset, "valid", config.image_size)
 
         torch.manual_seed(config.seed)
@@ -322,12 +350,9 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         draws, sampler = loader.dataset, loader.batch_sampler
         if first_epoch == 0:
             sample = _moved(draws.collate([draws[(0, i)] for i in range(min(16, len(draws)))]), device)
-            tracker.figure(
-                "augmented training images",
-                image_grid_figure(
-                    from_input(augment(train_images, sample)), [classes[i] for i in train_labels[sample.index].tolist()]
-                ),
-            )
+            sample_images = from_input(augment(train_images, sample, size=config.image_size))
+            sample_classes = [classes[i] for i in train_labels[sample.index].tolist()]
+            tracker.figure("augmented training images", image_grid_figure(sample_images, sample_classes))
 
         valid_images = torch.from_numpy(valid_images).to(device)  # uploaded once
         steps_per_epoch, total_steps = sampler.steps_per_epoch, config.epochs * sampler.steps_per_epoch

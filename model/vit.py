@@ -21,7 +21,9 @@ They share one state-dict layout (timm's ``qkv`` layout), so a checkpoint writte
 loads into any other and ``ViT.to_attention`` converts without loss.
 
 At another image size than the trained one, ``set_image_size`` interpolates the position
-embeddings (the paper's way). ``set_attention_scale`` multiplies every attention logit by a
+embeddings (the paper's way); ``forward(images, interpolate_pos_embed=True)`` does it for one
+call, inside the autograd graph, which is how the trainer trains at several sizes (a model
+trained so loses much less accuracy at 384). ``set_attention_scale`` multiplies every attention logit by a
 factor beyond 1/sqrt(d): a model trained at 224 evaluated at 384 attends over 577 tokens
 instead of 197 and does better with sharper attention (``components.highres`` picks the
 factor on the validation split).
@@ -86,7 +88,9 @@ class LinearProjector(nn.Module):
     (N, C, H, W) -> (N, 1 + (H/p)(W/p), D)
 
     The position embeddings belong to one patch grid; ``set_grid`` resizes them to another
-    by 2D interpolation, as the paper does for fine-tuning at a higher resolution.
+    by 2D interpolation, as the paper does for fine-tuning at a higher resolution. With
+    ``interpolate_pos_embed``, images on another grid get them interpolated for that call
+    only, inside the autograd graph: training at several sizes trains the one set of them.
     """
 
     def __init__(self, image_size, patch_size: int, in_channels: int, embed_dim: int, dropout_rate: float):
@@ -98,9 +102,10 @@ class LinearProjector(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
         self.dropout = nn.Dropout(dropout_rate)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, interpolate_pos_embed: bool = False) -> torch.Tensor:
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
-        if grid != self.grid or images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
+        divisible = not (images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size)
+        if not divisible or (grid != self.grid and not interpolate_pos_embed):
             height, width = images.shape[-2:]
             size = height if height == width else (height, width)
             raise ValueError(
@@ -108,11 +113,12 @@ class LinearProjector(nn.Module):
                 f"{self.grid[1] * self.patch_size} images (a {self.grid[0]}x{self.grid[1]} patch grid), "
                 f"got {height}x{width}: call model.set_image_size({size}) to interpolate them to the "
                 f"new size (the paper's way), or resize the images to the size the model was trained at"
+                + ("" if divisible else f" (any size must be a multiple of the patch size {self.patch_size})")
             )
         patches = self.patch_embedder(images)
         class_token = self.class_token.expand(patches.shape[0], -1, -1)
-        tokens = torch.cat([class_token, patches], dim=1) + self.pos_embed
-        return self.dropout(tokens)
+        pos_embed = resize_pos_embed(self.pos_embed, self.grid, grid)  # itself on the model's own grid
+        return self.dropout(torch.cat([class_token, patches], dim=1) + pos_embed)
 
     @torch.no_grad()
     def set_grid(self, grid: tuple[int, int], mode: str = "bicubic", antialias: bool = True) -> None:
@@ -351,8 +357,11 @@ class ViT(nn.Module):
         self.head = nn.Linear(embed_dim, n_classes)
         self.reset_parameters()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.blocks(self.projector(images))
+    def forward(self, images: torch.Tensor, interpolate_pos_embed: bool = False) -> torch.Tensor:
+        """``interpolate_pos_embed``: images of another size than the model's (a multiple of the
+        patch size) are taken, the position embeddings bicubically interpolated to their grid for
+        this call (how the trainer trains at several sizes); without it they are an error."""
+        tokens = self.blocks(self.projector(images, interpolate_pos_embed))
         return self.head(self.norm(tokens[:, 0]))
 
     @property

@@ -56,6 +56,15 @@ def test_without_augmentation_the_input_is_the_image():
     assert torch.allclose(augment(IMAGES, drawn), to_input(IMAGES[order]), atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [16, 24])
+def test_a_warp_to_a_smaller_size_resamples_the_whole_image(size):
+    # Training at several sizes (the images are kept at the largest): without crop or flip the
+    # input is the image bilinearly resized.
+    drawn = batch(random_draws(crop_scale=1.0, hflip=False, rand_augment=0, random_erasing=0.0))
+    resized = torch.nn.functional.interpolate(to_input(IMAGES), size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(augment(IMAGES, drawn, size=size), resized, atol=1e-5, rtol=0)
+
+
 def test_each_batch_position_is_in_the_group_of_each_pixel_operation_it_drew():
     draws = random_draws(rand_augment=3)
     drawn = batch(draws, epoch=2)
@@ -131,8 +140,9 @@ def test_the_device_warp_equals_opencvs_for_the_same_map(epoch):
     # OpenCV is the independent reference: the map, turned from [-1, 1] coordinates into
     # pixels, warps each image alike (up to OpenCV's 5-bit interpolation weights).
     drawn = batch(random_draws(crop_scale=0.35, rand_augment=2), epoch)
-    warped = ((warp(IMAGES.permute(0, 3, 1, 2).float(), drawn.geometry, None) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
     side = IMAGES.shape[1]
+    warped = ((warp(IMAGES.permute(0, 3, 1, 2).float(), drawn.geometry, None, side) + 1) * 127.5).permute(0, 2, 3, 1)
+    warped = warped.numpy()
     to_normalised = np.array([[2 / side, 0, 1 / side - 1], [0, 2 / side, 1 / side - 1], [0, 0, 1]])
     for image, geometry, ours in zip(IMAGES.numpy(), drawn.geometry.numpy(), warped):
         to_pixels = np.linalg.inv(to_normalised) @ np.vstack([geometry, [0, 0, 1]]) @ to_normalised

@@ -176,6 +176,23 @@ def test_set_image_size_switches_for_good_and_keeps_the_class_token():
     rebuilt.load_state_dict(model.state_dict())
 
 
+def test_images_of_another_size_can_borrow_interpolated_position_embeddings_for_one_call():
+    # How the trainer trains at several sizes: the same function as the model resized for good
+    # (the paper's interpolation), but the model keeps its size and one set of embeddings, which
+    # the gradient of every size trains.
+    model = tiny_vit("sdpa").eval()
+    images = torch.randn(2, 3, 48, 40)
+    resized = ViT(**model.config)
+    resized.load_state_dict(model.state_dict())
+    resized.set_image_size((48, 40)).eval()
+    torch.testing.assert_close(model(images, interpolate_pos_embed=True), resized(images))
+    assert model.config["image_size"] == [32, 32] and model.projector.pos_embed.shape == (1, 1 + 4 * 4, 32)
+    model(images, interpolate_pos_embed=True).sum().backward()
+    assert model.projector.pos_embed.grad.shape == (1, 17, 32) and model.projector.pos_embed.grad[:, 1:].abs().min() > 0
+    with pytest.raises(ValueError, match="any size must be a multiple of the patch size 8"):
+        model(torch.randn(1, 3, 44, 44), interpolate_pos_embed=True)
+
+
 def test_the_paper_initialisation_starts_from_a_zero_head_and_uniform_predictions():
     model = ViT(**model_config("vit-tiny-test", image_size=32, n_classes=5)).eval()
     assert torch.count_nonzero(model.head.weight) == 0

@@ -42,8 +42,8 @@ def test_smoke_training_learns_and_leaves_an_offline_session(smoke_run):
     assert saved["config"]["image_size"] == [32, 32] and len(saved["classes"]) == 10
 
 
-@pytest.mark.parametrize("validate_every", [1, 2])
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, validate_every):
+@pytest.mark.parametrize(("validate_every", "train_sizes"), [(1, ""), (2, "24,32,40")])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, validate_every, train_sizes):
     # Checkpoints follow validations: with validate_every=2 the run dies after epoch 2 too.
     data = str(make_layout(tmp_path / "data", per_split=(24, 4, 4)))
     settings = dict(
@@ -58,6 +58,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, 
         random_erasing=0.5,
         ema_decay=0.9,
         checkpoint_minutes=0.0,
+        train_sizes=train_sizes,
     )
     uninterrupted = train(data, "smoke", tmp_path / "full", **settings)
 
@@ -132,6 +133,38 @@ def test_unknown_settings_are_refused():
         preset("huge")
     with pytest.raises(ValueError, match=r"unknown training settings \['learning_rate'\]"):
         preset("smoke", learning_rate=1.0)
+
+
+def test_each_step_trains_at_a_size_drawn_from_train_sizes_and_the_model_keeps_its_own(tmp_path, monkeypatch):
+    import components.train as training
+
+    shapes = []
+
+    def recording(*args, **kwargs):
+        inputs = batch_inputs(*args, **kwargs)
+        shapes.append(tuple(inputs[0].shape[-2:]))
+        return inputs
+
+    batch_inputs = training.batch_inputs
+    monkeypatch.setattr(training, "batch_inputs", recording)
+    data = str(make_layout(tmp_path / "data", per_split=(16, 2, 2)))  # 3 classes: 48 training images
+    result = train(data, "smoke", tmp_path / "run", epochs=2, batch_size=4, train_sizes="16,32,48")
+    assert len(shapes) == 2 * 48 // 4 and set(shapes) == {(16, 16), (32, 32), (48, 48)}
+    saved = checkpoints.load(result["checkpoint"])
+    assert saved["config"]["image_size"] == [32, 32] and saved["model"]["projector.pos_embed"].shape[1] == 1 + 4 * 4
+
+
+@pytest.mark.parametrize(
+    ("train_sizes", "message"),
+    [
+        ("160;224", r"--train-sizes '160;224': give image sizes separated by commas, e.g. 16,32,40"),
+        ("32,36,0", r"--train-sizes '32,36,0': 36, 0 is not a positive multiple of the patch size 8; e.g. 16,32,40"),
+    ],
+)
+def test_wrong_train_sizes_are_refused_before_any_work(tmp_path, train_sizes, message):
+    with pytest.raises(ValueError, match=message):
+        train(str(tmp_path / "not-read.zip"), "smoke", tmp_path / "run", train_sizes=train_sizes)
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_unknown_compile_mode_is_refused_before_any_work(tmp_path):
