@@ -67,7 +67,8 @@ elif [ "$part" = speed ]; then
   profiled=(--epochs 6); [ -n "${SMALL:-}" ] && profiled=(--preset smoke --epochs 2)
   step 120 "$OUT/profile.log" python3 benchmarks/profile_train.py --data "$DATA" "${profiled[@]}"
 elif [ "$part" = breakdown ]; then
-  small=(); [ -n "${SMALL:-}" ] && small=(--preset smoke --steps 3 --warmup 1)
+  # One training size, so that the rows differ only in what each adds to the step.
+  small=(--train-sizes 224); [ -n "${SMALL:-}" ] && small=(--preset smoke --steps 3 --warmup 1)
   for mode in default reduce-overhead; do
     step 90 "$OUT/breakdown-$mode.log" python3 benchmarks/step_breakdown.py --data "$DATA" \
       --compile $mode "${small[@]}"

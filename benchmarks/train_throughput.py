@@ -168,6 +168,7 @@ def component_throughput(
         device=device.type,
         model=preset,
         image_size=image_size,
+        train_sizes=str(image_size),  # the model-step rows' one size, to compare with them
         batch_size=batch_size,
         epochs=epochs,
         compile="off" if mode == "eager" else mode,
