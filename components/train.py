@@ -308,7 +308,8 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
     output = Path(output)
     config = preset(preset_name, **overrides)
     device = pick_device(device)
-    compile_mode(config, device), training_sizes(config)  # a wrong --compile or --train-sizes fails before any work
+    compile_mode(config, device)  # a wrong --compile or --train-sizes fails before any work
+    training_sizes(config)
     last_path, best_path = output / "checkpoints" / "last.pt", output / "checkpoints" / "best.pt"
     state = checkpoints.load(last_path) if resume and last_path.is_file() else None
     if resume and state is None:

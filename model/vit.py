@@ -23,10 +23,10 @@ loads into any other and ``ViT.to_attention`` converts without loss.
 At another image size than the trained one, ``set_image_size`` interpolates the position
 embeddings (the paper's way); ``forward(images, interpolate_pos_embed=True)`` does it for one
 call, inside the autograd graph, which is how the trainer trains at several sizes (a model
-trained so loses much less accuracy at 384). ``set_attention_scale`` multiplies every attention logit by a
-factor beyond 1/sqrt(d): a model trained at 224 evaluated at 384 attends over 577 tokens
-instead of 197 and does better with sharper attention (``components.highres`` picks the
-factor on the validation split).
+trained so loses much less accuracy at 384). ``set_attention_scale`` multiplies every
+attention logit by a factor beyond 1/sqrt(d): a model trained at 224 evaluated at 384 attends
+over 577 tokens instead of 197 and may do better with sharper attention
+(``components.highres`` picks the factor on the validation split).
 """
 
 from __future__ import annotations
