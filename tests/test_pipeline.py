@@ -225,6 +225,9 @@ def test_ctrl_c_stops_the_run_and_leaves_nothing_half_written(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # As in a terminal: a test runner started in the background (`cmd &` in a script)
+        # passes an ignored SIGINT down to its children, and Python then never raises Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     checkpoint = tmp_path / "run" / "train" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 300
