@@ -309,7 +309,11 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
     config = preset(preset_name, **overrides)
     device = pick_device(device)
     compile_mode(config, device)  # a wrong --compile or --train-sizes fails before any work
-    training_sizes(config)
+    if config.image_size not in training_sizes(config):  # e.g. --image-size changed, the preset's sizes kept
+        print(
+            f"note: training at {config.train_sizes} for a model of size {config.image_size}; "
+            f"--train-sizes {config.image_size} trains at that size alone"
+        )
     last_path, best_path = output / "checkpoints" / "last.pt", output / "checkpoints" / "best.pt"
     state = checkpoints.load(last_path) if resume and last_path.is_file() else None
     if resume and state is None:

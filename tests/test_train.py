@@ -135,7 +135,7 @@ def test_unknown_settings_are_refused():
         preset("smoke", learning_rate=1.0)
 
 
-def test_each_step_trains_at_a_size_drawn_from_train_sizes_and_the_model_keeps_its_own(tmp_path, monkeypatch):
+def test_each_step_trains_at_a_size_drawn_from_train_sizes_and_the_model_keeps_its_own(tmp_path, monkeypatch, capsys):
     import components.train as training
 
     shapes = []
@@ -148,8 +148,9 @@ def test_each_step_trains_at_a_size_drawn_from_train_sizes_and_the_model_keeps_i
     batch_inputs = training.batch_inputs
     monkeypatch.setattr(training, "batch_inputs", recording)
     data = str(make_layout(tmp_path / "data", per_split=(16, 2, 2)))  # 3 classes: 48 training images
-    result = train(data, "smoke", tmp_path / "run", epochs=2, batch_size=4, train_sizes="16,32,48")
-    assert len(shapes) == 2 * 48 // 4 and set(shapes) == {(16, 16), (32, 32), (48, 48)}
+    result = train(data, "smoke", tmp_path / "run", epochs=2, batch_size=4, train_sizes="16,24,48")
+    assert len(shapes) == 2 * 48 // 4 and set(shapes) == {(16, 16), (24, 24), (48, 48)}
+    assert "note: training at 16,24,48 for a model of size 32; --train-sizes 32" in capsys.readouterr().out
     saved = checkpoints.load(result["checkpoint"])
     assert saved["config"]["image_size"] == [32, 32] and saved["model"]["projector.pos_embed"].shape[1] == 1 + 4 * 4
 
