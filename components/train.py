@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import functools
 import math
 import os
 import time
@@ -231,6 +232,7 @@ def _architecture(config: TrainConfig) -> dict:
     return model_config(config.model, **({"patch_size": config.patch_size} if config.patch_size else {}))
 
 
+@functools.cache  # asked every step; a TrainConfig is frozen, so its sizes are too
 def training_sizes(config: TrainConfig) -> tuple[int, ...]:
     """The image sizes a training step draws from: ``config.train_sizes`` ("160,224,288"), or
     ``image_size`` alone when it is empty. Training at sizes around the model's own, with the
