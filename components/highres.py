@@ -11,7 +11,10 @@ Side by side on the test split, with the images resized to the new size:
    than it was trained with, a well-trained one about 1 (benchmarks/RESULTS.md); no
    gradient step, one number chosen;
 5. bicubic and then fine-tuned at the new size for a short schedule, as the paper does
-   (SGD with momentum 0.9, gradient clipping, cosine decay; ``--finetune-steps 0`` skips it);
+   (SGD with momentum 0.9, gradient clipping, cosine decay; ``--finetune-steps 0`` skips it),
+   on whole training images and flips: the training run's random-resized crops show objects
+   larger than the test images do, and a fine-tune at the test size is where to undo that
+   (Touvron et al. 2019, FixRes); ``--finetune-crop-scale`` crops again;
 
 and the accuracy at the training size as the reference row.
 
@@ -54,7 +57,7 @@ def finetune(
     model: ViT, images: np.ndarray, labels: np.ndarray, config: TrainConfig, steps: int, device: torch.device
 ) -> list[float]:
     """SGD with momentum 0.9 at the new size, cosine decay from ``config.lr``, gradient
-    clipping, the training run's crop and flip; returns the loss of every step."""
+    clipping, ``config``'s crop and flip; returns the loss of every step."""
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     images, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
@@ -110,6 +113,7 @@ def highres(
     finetune_steps: int = 300,
     finetune_lr: float = 0.01,
     finetune_batch_size: int = 64,
+    finetune_crop_scale: float = 1.0,
     reference_json: Path | None = None,
     device: str = "auto",
 ) -> dict:
@@ -128,6 +132,7 @@ def highres(
                 "finetune_steps": finetune_steps,
                 "finetune_lr": finetune_lr,
                 "finetune_batch_size": finetune_batch_size,
+                "finetune_crop_scale": finetune_crop_scale,
             }
         )
         size = params["image_size"]
@@ -174,6 +179,7 @@ def highres(
                 warmup_epochs=0,
                 rand_augment=0,
                 random_erasing=0.0,
+                crop_scale=params["finetune_crop_scale"],
                 batch_size=min(params["finetune_batch_size"], len(train_images)),
             )
             model, _ = checkpoints.load_model(Path(params["checkpoint"]))
@@ -265,6 +271,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-lr", type=float, default=0.01, help="peak SGD learning rate (default: 0.01)")
     parser.add_argument("--finetune-batch-size", type=int, default=64, help="default: 64")
     parser.add_argument(
+        "--finetune-crop-scale",
+        type=float,
+        default=1.0,
+        help="smallest crop area of the fine-tune's random-resized crop; 1: whole images, as tested (default: 1)",
+    )
+    parser.add_argument(
         "--reference-json",
         type=Path,
         default=None,
@@ -282,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
             args.finetune_steps,
             args.finetune_lr,
             args.finetune_batch_size,
+            args.finetune_crop_scale,
             args.reference_json,
             args.device,
         )

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from components import checkpoints
+from components.augment import augment
 from components.data import decode_split, resolve
 from components.highres import calibrate_attention, highres, split_metrics
 from tests.conftest import FASHION_ZIP
@@ -65,3 +66,31 @@ def test_calibrate_attention_picks_the_lowest_validation_loss_and_flattens_when_
     assert model.config["attention_scale"] == chosen
     assert all(block.attn.scale == pytest.approx(chosen * block.attn.qkv_dim**-0.5) for block in model.blocks)
     assert split_metrics(model, images, labels, torch.device("cpu"))["loss"] == pytest.approx(curve["loss"].min())
+
+
+@pytest.mark.parametrize("crop", [{}, {"finetune_crop_scale": 0.35}], ids=["default", "cropped"])
+def test_the_finetune_sees_whole_images_and_flips_unless_asked_to_crop(smoke_run, tmp_path, monkeypatch, crop):
+    # The real augmentation, watched: the maps (output -> input coordinates) it is given.
+    geometries = []
+
+    def watched_augment(images, draws, *args, **kwargs):
+        geometries.append(draws.geometry.cpu())
+        return augment(images, draws, *args, **kwargs)
+
+    monkeypatch.setattr("components.highres.augment", watched_augment)
+    highres(
+        smoke_run["checkpoint"],
+        str(FASHION_ZIP),
+        tmp_path / "h.json",
+        image_size=48,
+        finetune_steps=4,
+        device="cpu",
+        **crop,
+    )
+    theta = torch.cat(geometries)
+    assert len(theta) == 4 * 64
+    if not crop:  # the whole image, mirrored or not: the test images' view at the new size
+        assert set(theta[:, 0, 0].tolist()) == {-1.0, 1.0}
+        torch.testing.assert_close(theta[:, :, 1:], torch.tensor([[0.0, 0.0], [1.0, 0.0]]).expand(len(theta), 2, 2))
+    else:
+        assert (theta[:, 0, 0].abs() < 0.95).float().mean() > 0.5  # most views are crops, as in training
