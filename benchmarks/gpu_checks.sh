@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_checks.sh breakdown  # the training step piece by piece, without and with CUDA graphs (2)
 #   bash benchmarks/gpu_checks.sh recipe [OVERRIDES]  # vit-ti16-224 from scratch, evaluate, highres at 384 (about 6)
 #   bash benchmarks/gpu_checks.sh ablate "--rand-augment 2" "--epochs 900" ...  # one run per override set
+#   bash benchmarks/gpu_checks.sh finetune "--finetune-steps 1000" ...  # highres variants of recipe's model (1 each)
 # DATA is the Fashion-MNIST stand-in archive; OUT receives the logs and JSON results.
 # DEADLINE (seconds since the epoch) cuts every step's time limit to what is left before it,
 # so that several parts run in one device call end inside the call's limit (one tarball back,
@@ -18,7 +19,7 @@
 # pydantic-core, annotated-types, typing-inspection (pip download --no-deps --only-binary=:all:).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?attention, speed, breakdown, recipe or ablate}
+part=${1:?attention, speed, breakdown, recipe, ablate or finetune}
 DATA=${DATA:-.device-data/fashion.zip}
 OUT=${OUT:-runs/gpu-checks}
 mkdir -p "$OUT"
@@ -87,6 +88,25 @@ elif [ "$part" = recipe ]; then
   step 90 "$OUT/highres.log" python3 -m components.highres --checkpoint $run/checkpoints/best.pt --data "$DATA" \
     --image-size $size --reference-json $run/eval/evaluate.json --output-json $run/eval/highres.json
   cp $run/curves.png $run/eval/evaluate.json $run/eval/highres.json $run/eval/highres.*.png "$OUT/"
+elif [ "$part" = finetune ]; then
+  # Each argument is one set of highres flags, run on the model `recipe` trained earlier in the
+  # same call: fine-tunes compared on one checkpoint, one line each in finetune.tsv.
+  shift
+  size=384; [ -n "${SMALL:-}" ] && size=56
+  printf 'flags\ttest_accuracy_bicubic\ttest_accuracy_finetuned\ttest_loss_finetuned\n' > "$OUT/finetune.tsv"
+  for flags in "$@"; do
+    rm -f /tmp/finetune.json
+    # shellcheck disable=SC2086  # the flags are meant to split
+    step 90 "$OUT/finetune-run.log" python3 -m components.highres --checkpoint /tmp/recipe/checkpoints/best.pt \
+      --data "$DATA" --image-size $size --output-json /tmp/finetune.json $flags
+    python3 - "$flags" >> "$OUT/finetune.tsv" <<'EOF2'
+import json, sys
+result = json.load(open("/tmp/finetune.json"))
+print(f"{sys.argv[1]}\t{result['test_accuracy_bicubic']:.4f}\t{result['test_accuracy_finetuned']:.4f}"
+      f"\t{result['test_loss_finetuned']:.4f}")
+EOF2
+  done
+  cat "$OUT/finetune.tsv"
 elif [ "$part" = ablate ]; then
   # Each argument is one set of overrides of the preset; one line each in ablations.tsv.
   shift
