@@ -102,8 +102,8 @@ PRESETS: dict[str, TrainConfig] = {
     # which a small data set needs and a GPU makes cheap (3,600 images an epoch). No RandAugment:
     # with it the model lost 7.8 points at 384 instead of 4.0 and was no better at 224. Training
     # at 160, 224 and 288 (patch grids 10, 14, 18) keeps it accurate at 384 without a fine-tune:
-    # on the CPU proxy it lost 0.4 and gained 2.0 points at the higher size where one training
-    # size lost 4.2 and 3.0 (benchmarks/RESULTS.md; not yet measured on a GPU).
+    # on an H200 it lost 0.6 and 2.0 points there where one size had lost 4.0, at 89.6% and 89.0%
+    # at 224, trained in 249 and 251 s (benchmarks/RESULTS.md).
     "vit-ti16-224": TrainConfig(
         model="vit-ti16",
         image_size=224,
