@@ -14,15 +14,14 @@ from components.highres import calibrate_attention, highres, split_metrics
 from tests.conftest import FASHION_ZIP
 
 
+def run_highres(smoke_run, tmp_path, **settings) -> dict:
+    """highres on the smoke checkpoint (trained at 32), on the CPU, to 48 unless told."""
+    settings = {"image_size": 48, "device": "cpu", **settings}
+    return highres(smoke_run["checkpoint"], str(FASHION_ZIP), tmp_path / "highres.json", **settings)
+
+
 def test_highres_switches_the_grid_evaluates_and_finetuning_lowers_the_loss(smoke_run, tmp_path):
-    result = highres(
-        smoke_run["checkpoint"],
-        str(FASHION_ZIP),
-        tmp_path / "highres.json",
-        image_size=48,
-        finetune_steps=30,
-        device="cpu",
-    )
+    result = run_highres(smoke_run, tmp_path, finetune_steps=30)
     assert result["image_size"] == 48 and result["trained_image_size"] == 32
     assert "got 48x48" in result["no_resize_error"] and "set_image_size(48)" in result["no_resize_error"]
     for mode in ("bilinear", "bicubic", "bicubic_calibrated", "finetuned"):
@@ -47,9 +46,7 @@ def test_highres_switches_the_grid_evaluates_and_finetuning_lowers_the_loss(smok
 
 
 def test_highres_without_finetuning_reports_null(smoke_run, tmp_path):
-    result = highres(
-        smoke_run["checkpoint"], str(FASHION_ZIP), tmp_path / "h.json", image_size=64, finetune_steps=0, device="cpu"
-    )
+    result = run_highres(smoke_run, tmp_path, image_size=64, finetune_steps=0)
     assert result["test_accuracy_finetuned"] is None and result["finetune_losses"] == []
     assert len(result["attention_calibration"]) == 11 and 1.0 <= result["attention_scale"] <= 2.0
     assert checkpoints.load_model(result["checkpoint"])[0].projector.grid == (8, 8)
@@ -78,15 +75,7 @@ def test_the_finetune_sees_whole_images_and_flips_unless_asked_to_crop(smoke_run
         return augment(images, draws, *args, **kwargs)
 
     monkeypatch.setattr("components.highres.augment", watched_augment)
-    highres(
-        smoke_run["checkpoint"],
-        str(FASHION_ZIP),
-        tmp_path / "h.json",
-        image_size=48,
-        finetune_steps=4,
-        device="cpu",
-        **crop,
-    )
+    run_highres(smoke_run, tmp_path, finetune_steps=4, **crop)
     theta = torch.cat(geometries)
     assert len(theta) == 4 * 64
     if not crop:  # the whole image, mirrored or not: the test images' view at the new size
