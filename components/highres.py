@@ -42,7 +42,7 @@ from components.data import DataError, decode_split, resolve, to_input
 from components.devices import pick_device
 from components.evaluate import accuracy, predict
 from components.plots import attention_scale_figure, grouped_bars_figure, similarity_figure
-from components.presets import TrainConfig
+from components.presets import TrainConfig, check_crop_scale
 from components.tracking import open_task
 from components.train import EpochBatches, learning_rate, on_device
 from model import ViT
@@ -122,6 +122,7 @@ def highres(
     "test_accuracy_finetuned", "checkpoint" (the fine-tuned model, else the bicubic one), ...}``;
     also written to ``output_json``."""
     output_json = Path(output_json)
+    check_crop_scale(finetune_crop_scale, "--finetune-crop-scale")  # before any work
     device = pick_device(device)
     with open_task(output_json.stem, "testing", output_json.parent, title=f"highres {image_size}") as tracker:
         params = tracker.connect(

@@ -128,7 +128,17 @@ def preset(name: str, **overrides) -> TrainConfig:
     unknown = set(overrides) - {field.name for field in fields(TrainConfig)}
     if unknown:
         raise ValueError(f"unknown training settings {sorted(unknown)}")
-    return replace(PRESETS[name], **overrides)
+    config = replace(PRESETS[name], **overrides)
+    check_crop_scale(config.crop_scale, "--crop-scale")
+    return config
+
+
+def check_crop_scale(scale: float, flag: str) -> None:
+    """A random-resized crop keeps between ``scale`` and all of an image's area."""
+    if not 0 < scale <= 1:
+        raise ValueError(
+            f"{flag} must be in (0, 1]: the smallest area fraction a crop keeps, 1 for whole images; got {scale}"
+        )
 
 
 def add_override_flags(parser) -> None:

@@ -83,3 +83,10 @@ def test_the_finetune_sees_whole_images_and_flips_unless_asked_to_crop(smoke_run
         torch.testing.assert_close(theta[:, :, 1:], torch.tensor([[0.0, 0.0], [1.0, 0.0]]).expand(len(theta), 2, 2))
     else:
         assert (theta[:, 0, 0].abs() < 0.95).float().mean() > 0.5  # most views are crops, as in training
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.5])
+def test_a_finetune_crop_scale_outside_0_1_is_refused_before_any_work(tmp_path, scale):
+    with pytest.raises(ValueError, match=rf"--finetune-crop-scale must be in \(0, 1\].*got {scale}"):
+        highres(tmp_path / "missing.pt", "no-data", tmp_path / "h.json", finetune_crop_scale=scale, device="cpu")
+    assert not list(tmp_path.iterdir())

@@ -133,6 +133,8 @@ def test_unknown_settings_are_refused():
         preset("huge")
     with pytest.raises(ValueError, match=r"unknown training settings \['learning_rate'\]"):
         preset("smoke", learning_rate=1.0)
+    with pytest.raises(ValueError, match=r"--crop-scale must be in \(0, 1\].*got 0"):
+        preset("smoke", crop_scale=0)
 
 
 def test_each_step_trains_at_a_size_drawn_from_train_sizes_and_the_model_keeps_its_own(tmp_path, monkeypatch, capsys):
