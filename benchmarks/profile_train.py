@@ -21,10 +21,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from components.augment import len_epoch  # noqa: E402
 from components.data import resolve  # noqa: E402
 from components.devices import pick_device  # noqa: E402
 from components.presets import preset  # noqa: E402
-from components.train import EpochBatches, train  # noqa: E402
+from components.train import train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     events = profiler.key_averages()
     print(events.table(sort_by=time_key, row_limit=args.rows))
 
-    batches = EpochBatches(len(resolve(args.data).split("train")), preset(args.preset).batch_size, 0, args.epochs, 0)
-    images = sum(len(batch) for batch in batches)
+    batch_size = preset(args.preset).batch_size
+    images = args.epochs * len_epoch(len(resolve(args.data).split("train")), batch_size) * batch_size
     busy_seconds = sum(getattr(event, time_key) for event in events) / 1e6
     print(f"{images} images trained; {busy_seconds:.1f} s of {device.type} time in the profiled operations")
     if result["images_per_second"]:

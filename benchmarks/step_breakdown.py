@@ -8,10 +8,11 @@ Rows, each adding to the one before:
    backward, gradient clipping, AdamW, on one fixed augmented batch;
 2. + augmentation: `batch_inputs` (augmentation on the device, label smoothing, mixup/cutmix)
    from draws already on the device;
-3. + data loader: the draws from the loader processes, copied on a side stream;
+3. + drawing: each epoch's draws drawn at its start and copied to the device, as the trainer
+   does;
 
-and two rows alone: the augmentation (`batch_inputs` from draws on the device) and the data
-loader (draws arriving on the device). The model is compiled once; its first steps are untimed,
+and two rows alone: the augmentation (`batch_inputs` from draws on the device) and the
+drawing (epoch after epoch, per step). The model is compiled once; its first steps are untimed,
 and the rows take turns, each the median of ``--repeats`` rounds.
 Where row 1 is well below `train_throughput.py`'s model step, the difference is the training
 configuration (drop path, clipping, the loss); where a row falls below the one before, what it
@@ -34,20 +35,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.train_throughput import round_robin_throughput  # noqa: E402
-from components.augment import RandomDraws  # noqa: E402
+from components.augment import endless_batches, epoch_batches  # noqa: E402
 from components.data import decode_split, resolve  # noqa: E402
 from components.devices import pick_device  # noqa: E402
 from components.presets import add_override_flags, overrides_from, preset  # noqa: E402
 from components.train import (  # noqa: E402
-    _moved,
     batch_inputs,
     build_model,
     build_optimizer,
     compile_mode,
     compiled,
-    on_device,
     optimization_step,
-    training_batches,
     training_sizes,
 )
 
@@ -76,12 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     forward = compiled(model, config, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    draws = RandomDraws(len(train_images), config)
-    batches = [range(start, start + config.batch_size) for start in range(0, len(draws) - config.batch_size + 1, 64)]
-    on_the_device = [_moved(draws.collate([draws[(0, i)] for i in batch]), device) for batch in batches[:8]]
+    on_the_device = epoch_batches(len(train_images), config, 0, device)
     cycle = itertools.cycle(on_the_device)
     fixed = batch_inputs(train_images, train_labels, on_the_device[0], config, n_classes)
-    loader = on_device(training_batches(len(train_images), config, 0, device), device)
+    drawn = endless_batches(len(train_images), config, device)
 
     def fixed_batch() -> None:
         optimization_step(forward, model, optimizer, fixed[0], fixed[2], config, autocast)
@@ -90,16 +86,16 @@ def main(argv: list[str] | None = None) -> None:
         images, _, targets = batch_inputs(train_images, train_labels, next(cycle), config, n_classes)
         optimization_step(forward, model, optimizer, images, targets, config, autocast)
 
-    def loaded() -> None:
-        images, _, targets = batch_inputs(train_images, train_labels, next(loader), config, n_classes)
+    def drawing() -> None:
+        images, _, targets = batch_inputs(train_images, train_labels, next(drawn), config, n_classes)
         optimization_step(forward, model, optimizer, images, targets, config, autocast)
 
     rows = {
         "1. optimization step, fixed batch": fixed_batch,
         "2. + augmentation (draws on the device)": augmented,
-        "3. + data loader": loaded,
+        "3. + drawing each epoch's draws": drawing,
         "augmentation alone": lambda: batch_inputs(train_images, train_labels, next(cycle), config, n_classes),
-        "data loader alone": lambda: next(loader),
+        "drawing alone": lambda: next(drawn),
     }
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(

@@ -7,10 +7,10 @@ Rows, all measured in one run on whatever device is present:
   mode, and reduce-overhead: with CUDA graphs, what the trainer uses on a GPU), for timm's
   VisionTransformer and for ours (``sdpa``, and ``separate`` eager, which still trains);
   the variants take turns, and each row is the median of ``--repeats`` rounds;
-- data loader: the training component's loader processes and its augmentation on the device
-  alone, no model: the rate the model step must stay below for the loader never to be the
-  bottleneck;
-- training component: ``components.train`` end to end (data loader, augmentation, logging,
+- augmentation: the training component's drawing (an epoch at a time) and its augmentation on
+  the device alone, no model: the rate the model step must stay below for the augmentation
+  never to be the bottleneck;
+- training component: ``components.train`` end to end (drawing, augmentation, logging,
   validation, checkpoints) on a real archive, timed after its first epoch, eager and in each
   compile mode.
 
@@ -23,6 +23,7 @@ MFU = forward FLOPs x 3 (forward + backward) x images/s / the card's dense bf16 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -36,11 +37,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.augment import augment  # noqa: E402
+from components.augment import augment, endless_batches, len_epoch  # noqa: E402
 from components.data import decode_split, resolve  # noqa: E402
 from components.devices import pick_device  # noqa: E402
 from components.presets import preset as train_preset  # noqa: E402
-from components.train import on_device, train, training_batches  # noqa: E402
+from components.train import train  # noqa: E402
 from model import MODEL_PRESETS, ViT  # noqa: E402
 from model.timm_convert import timm_vit  # noqa: E402
 
@@ -130,21 +131,19 @@ def round_robin_throughput(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def loader_throughput(data: str, image_size: int, batch_size: int, batches: int, device: torch.device) -> float:
-    """Images/s of the training loader and the GPU recipe's augmentation on the device, after
-    the loader processes have started and drained their first prefetched batches."""
-    config = train_preset("vit-ti16-224", image_size=image_size, batch_size=batch_size, epochs=1_000_000)
+def augmentation_throughput(data: str, image_size: int, batch_size: int, batches: int, device: torch.device) -> float:
+    """Images/s of the training component's drawing and the GPU recipe's augmentation on the
+    device, over ``batches`` batches after a first untimed epoch."""
+    config = train_preset("vit-ti16-224", image_size=image_size, batch_size=batch_size)
     images = torch.from_numpy(decode_split(resolve(data), "train", image_size)[0]).to(device)
-    loader = training_batches(len(images), config, 0, device)
-    warmup = 4 * loader.num_workers + 5
-    for count, draws in enumerate(on_device(loader, device)):
-        if count == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
+    stream = endless_batches(len(images), config, device)
+    for draws in itertools.islice(stream, len_epoch(len(images), batch_size)):
         augment(images, draws)
-        if count == warmup + batches:
-            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for draws in itertools.islice(stream, batches):
+        augment(images, draws)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return batches * batch_size / (time.perf_counter() - started)
@@ -189,7 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         "--repeats", type=int, default=5, help="rounds, model-step rows; the median counts (default: 5)"
     )
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
-    parser.add_argument("--loader-batches", type=int, default=100, help="timed batches, data-loader row (default: 100)")
+    parser.add_argument(
+        "--augment-batches", type=int, default=100, help="timed batches, augmentation row (default: 100)"
+    )
     parser.add_argument("--component-epochs", type=int, default=8, help="epochs of the component rows (default: 8)")
     parser.add_argument(
         "--component-models", default="vit-ti16", help="models of the component rows (default: vit-ti16)"
@@ -208,13 +209,13 @@ def main(argv: list[str] | None = None) -> None:
         args.models, args.batch_size, args.image_size, args.steps, args.warmup = "vit-tiny-test", 8, 32, 3, 1
         args.repeats = 2
         args.component_epochs, args.component_models, args.no_compile = 2, "vit-tiny-test", True
-        args.loader_batches = 5
+        args.augment_batches = 5
     peak = peak_flops(device)
     modes = ["eager"] + ([] if args.no_compile else args.compile_modes.split(","))
     rows = []
 
     def add(scope: str, impl: str, preset: str | None, mode: str, images_per_second: float) -> None:
-        """One row; ``preset`` None for the data loader, which has no FLOPs."""
+        """One row; ``preset`` None for the augmentation, which has no FLOPs."""
         flops = 3 * forward_flops(MODEL_PRESETS[preset], args.image_size) * images_per_second if preset else None
         rows.append(
             {
@@ -240,8 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         f"bf16 autocast {device.type == 'cuda'}"
     )
     if args.data:
-        speed = loader_throughput(args.data, args.image_size, args.batch_size, args.loader_batches, device)
-        add("data loader", "augment", None, "eager", speed)
+        speed = augmentation_throughput(args.data, args.image_size, args.batch_size, args.augment_batches, device)
+        add("augmentation", "augment", None, "eager", speed)
     for preset in args.models.split(","):
         variants = [
             (impl, mode)

@@ -1,10 +1,10 @@
 """Training augmentation, all of it on the training device, batched.
 
 The decoded training images stay on the training device (uint8, 150 KB an image at 224: a
-few hundred MB for these data sets). Loader processes only draw what happens to each image,
-seeded by (seed, epoch, image) so that a resumed run sees exactly the images an uninterrupted
-one would, and send those draws (about 100 bytes an image); `augment` then applies them to a
-batch at once:
+few hundred MB for these data sets). At the start of each epoch the training process draws
+what happens to every image, at once and seeded by (seed, epoch) alone, so that a resumed run
+sees exactly the images an uninterrupted one would, and copies the epoch's draws to the device
+in one go (about 100 bytes an image); `augment` then applies a batch's draws to the batch:
 
 1. RandAugment (Cubuk et al. 2020): ``rand_augment`` of torchvision's 14 operations per
    image, each at a random strength. A pixel operation runs on the images that drew it; the
@@ -14,15 +14,20 @@ batch at once:
 
 Why on the device: sending 38 MB of augmented pixels a batch from loader processes through
 shared and pinned memory to the GPU held an H100 at 11,200 images/s, below the 14,600 of the
-model's own training step. The pixel operations run before the geometric ones (RandAugment
-draws their order at random; a fixed order changes little and lets the warps run together).
-Nothing here synchronises the host with the device.
+model's own training step. Why an epoch at a time: drawing image by image took loader
+processes, and handing their batches over still cost the training loop about 1.2 ms a step on
+an H200 (8% of a step); drawn as arrays, an epoch of 3,600 images takes about a millisecond.
+The pixel operations run before the geometric ones (RandAugment draws their order at random; a
+fixed order changes little and lets the warps run together). Nothing here synchronises the
+host with the device.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+from collections.abc import Iterator
 from itertools import product
 from typing import NamedTuple
 
@@ -30,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from torch.utils.data import Dataset
 
 from components.presets import TrainConfig
 
@@ -41,10 +45,20 @@ ROTATE_DEGREES, SHEAR_DEGREES, TRANSLATE_FRACTION = 20.0, 15.0, 0.15
 ENHANCE_STRENGTH = 0.4  # brightness, colour, contrast, sharpness: factors 0.6 to 1.4
 POSTERIZE_BITS = (4, 5, 6)
 SOLARIZE_THRESHOLD = 128
+CROP_TRIES = 10  # as torchvision: a crop that does not fit is drawn again, then the whole image
 
 GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 PIXEL_OPS = ("brightness", "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
 RAND_AUGMENT_OPS = ("identity", *GEOMETRIC_OPS, *PIXEL_OPS)  # torchvision's RandAugment list
+
+
+class ImageDraws(NamedTuple):
+    """What happens to each of n images in one epoch, row i for image i."""
+
+    ops: np.ndarray  # int64 (n, N): indices into RAND_AUGMENT_OPS, N = rand_augment, in order
+    strength: np.ndarray  # float32 (n, N): of each operation, in [-1, 1]
+    geometry: np.ndarray  # float32 (n, 2, 3): crop, flip, geometric operations as one map
+    box: np.ndarray | None  # float32 (n, 4): erased (top, left, height, width) or zeros; None: no erasing
 
 
 class Draws(NamedTuple):
@@ -59,83 +73,120 @@ class Draws(NamedTuple):
     group_sizes: tuple[int, ...]  # N x len(PIXEL_OPS) sizes of those groups
 
 
-class RandomDraws(Dataset):
-    """(epoch, index) -> that image's draws: its index, RandAugment operations (N,) and
-    strengths (N,), warp (2, 3) and erased box (4,) (top, left, height, width as fractions of
-    the side; all zero for none). `collate` makes a batch of them a `Draws`."""
-
-    def __init__(self, size: int, config: TrainConfig):
-        self.size, self.config = size, config
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        epoch, index = key
-        rng = np.random.default_rng([self.config.seed, epoch, index])
-        ops = rng.permutation(len(RAND_AUGMENT_OPS))[: self.config.rand_augment]
-        strength = rng.uniform(-1.0, 1.0, len(ops)).astype(np.float32)
-        geometric = [(RAND_AUGMENT_OPS[op], s) for op, s in zip(ops, strength) if RAND_AUGMENT_OPS[op] in GEOMETRIC_OPS]
-        geometry = random_geometry(rng, self.config, geometric)
-        return index, ops, strength, geometry, random_erasing_box(rng, self.config.random_erasing)
-
-    def collate(self, items: list[tuple]) -> Draws:
-        index, ops, strength, geometry, box = (torch.as_tensor(np.stack(part)) for part in zip(*items))
-        pixel_op_ids = [RAND_AUGMENT_OPS.index(op) for op in PIXEL_OPS]
-        groups = [
-            torch.nonzero(ops[:, slot] == op).flatten() for slot, op in product(range(ops.shape[1]), pixel_op_ids)
-        ]
-        return Draws(
-            index,
-            strength,
-            geometry,
-            box if self.config.random_erasing > 0 else None,
-            torch.cat(groups) if groups else torch.zeros(0, dtype=torch.int64),
-            tuple(len(group) for group in groups),
-        )
+def epoch_batches(size: int, config: TrainConfig, epoch: int, device: torch.device) -> list[Draws]:
+    """The draws of each full batch of ``epoch`` over a split of ``size`` images, on ``device``:
+    every image once, in an order seeded by (seed, epoch), the last partial batch left out."""
+    drawn = draw(size, config, epoch)
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(config.seed * 10_007 + epoch)).numpy()
+    steps = len_epoch(size, config.batch_size)
+    return on_device(
+        [batch_draws(drawn, rows) for rows in np.array_split(order[: steps * config.batch_size], steps)], device
+    )
 
 
-def random_geometry(rng: np.random.Generator, config: TrainConfig, ops: list[tuple[str, float]]) -> np.ndarray:
-    """The (2, 3) map from output to input coordinates (``F.affine_grid``'s ``theta``) of a
-    random-resized crop, then a flip, then the given geometric operations at their strengths."""
-    width = height = 1.0
-    for _ in range(10 if config.crop_scale < 1 else 0):  # as torchvision draws them: retried
-        area = rng.uniform(config.crop_scale, 1.0)  # until the crop fits, else the whole image
-        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        if area * aspect <= 1 and area / aspect <= 1:
-            width, height = math.sqrt(area * aspect), math.sqrt(area / aspect)
-            break
-    center = rng.uniform(-1.0, 1.0, 2) * (1.0 - np.array([width, height]))
-    crop = np.array([[width, 0.0, center[0]], [0.0, height, center[1]], [0.0, 0.0, 1.0]])
-    flip = np.diag([-1.0 if config.hflip and rng.random() < 0.5 else 1.0, 1.0, 1.0])
-    theta = crop @ flip
-    for op, strength in ops:
-        theta = theta @ _geometric_op(op, strength)
-    return theta[:2].astype(np.float32)
+def endless_batches(size: int, config: TrainConfig, device: torch.device) -> Iterator[Draws]:
+    """`epoch_batches` of epoch 0, 1, 2, ...: for a fixed number of steps."""
+    return (batch for epoch in itertools.count() for batch in epoch_batches(size, config, epoch, device))
 
 
-def _geometric_op(op: str, strength: float) -> np.ndarray:
-    matrix = np.eye(3)
-    if op == "rotate":
-        angle = math.radians(strength * ROTATE_DEGREES)
-        matrix[:2, :2] = [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
-    elif op.startswith("shear"):
-        matrix[(0, 1) if op == "shear_x" else (1, 0)] = math.tan(math.radians(strength * SHEAR_DEGREES))
-    else:
-        matrix[0 if op == "translate_x" else 1, 2] = 2 * strength * TRANSLATE_FRACTION
-    return matrix
+def len_epoch(size: int, batch_size: int) -> int:
+    """Steps in an epoch: full batches only (one smaller batch if the split is smaller than one)."""
+    return max(1, size // batch_size)
 
 
-def random_erasing_box(rng: np.random.Generator, probability: float) -> np.ndarray:
-    """(top, left, height, width) as fractions of the side, all zero when nothing is erased:
-    1/50 to 1/3 of the area, aspect ratio 0.3 to 3.3, as in DeiT."""
-    box = np.zeros(4, np.float32)
-    if rng.random() < probability:
-        area = rng.uniform(0.02, 1 / 3)
-        aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
-        height, width = min(1.0, math.sqrt(area * aspect)), min(1.0, math.sqrt(area / aspect))
-        box[:] = rng.uniform(0.0, 1.0 - height), rng.uniform(0.0, 1.0 - width), height, width
-    return box
+def draw(size: int, config: TrainConfig, epoch: int) -> ImageDraws:
+    """The draws of all ``size`` images for ``epoch``, from (seed, epoch) alone."""
+    rng = np.random.default_rng([config.seed, epoch])
+    ops = np.argsort(rng.random((size, len(RAND_AUGMENT_OPS))), axis=1)[:, : config.rand_augment]  # no repeats
+    strength = rng.uniform(-1.0, 1.0, ops.shape).astype(np.float32)
+    geometry = random_geometry(rng, config, ops, strength)
+    box = random_erasing_boxes(rng, size, config.random_erasing) if config.random_erasing > 0 else None
+    return ImageDraws(ops, strength, geometry, box)
+
+
+def batch_draws(drawn: ImageDraws, index: np.ndarray) -> Draws:
+    """The `Draws` of the images ``index`` (B,), on the host."""
+    ops = drawn.ops[index]
+    pixel_op_ids = [RAND_AUGMENT_OPS.index(op) for op in PIXEL_OPS]
+    groups = [np.flatnonzero(ops[:, slot] == op) for slot, op in product(range(ops.shape[1]), pixel_op_ids)]
+    return Draws(
+        torch.from_numpy(np.asarray(index, dtype=np.int64)),
+        torch.from_numpy(drawn.strength[index]),
+        torch.from_numpy(drawn.geometry[index]),
+        None if drawn.box is None else torch.from_numpy(drawn.box[index]),
+        torch.from_numpy(np.concatenate(groups).astype(np.int64) if groups else np.zeros(0, np.int64)),
+        tuple(len(group) for group in groups),
+    )
+
+
+def on_device(batches: list[Draws], device: torch.device) -> list[Draws]:
+    """``batches`` with their tensors on ``device``: one copy per field for all of them (from
+    pinned memory on a GPU, so that it does not make the host wait), each batch's tensors views
+    of it."""
+    fields = []
+    for parts in zip(*(batch[:-1] for batch in batches)):  # index, strength, geometry, box, groups
+        if parts[0] is None:
+            fields.append(parts)
+            continue
+        whole = torch.cat(parts)
+        if device.type == "cuda":
+            whole = whole.pin_memory()
+        fields.append(whole.to(device, non_blocking=True).split([len(part) for part in parts]))
+    return [Draws(*tensors, batch.group_sizes) for *tensors, batch in zip(*fields, batches)]
+
+
+def random_geometry(rng: np.random.Generator, config: TrainConfig, ops: np.ndarray, strength: np.ndarray) -> np.ndarray:
+    """The maps (n, 2, 3) from output to input coordinates (``F.affine_grid``'s ``theta``) of a
+    random-resized crop, then a flip, then each image's geometric operations ``ops`` (n, N) at
+    their ``strength`` (n, N), in order."""
+    size = len(ops)
+    width = height = np.ones(size)
+    if config.crop_scale < 1:
+        area = rng.uniform(config.crop_scale, 1.0, (size, CROP_TRIES))
+        aspect = np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3), (size, CROP_TRIES)))
+        fits = (area * aspect <= 1) & (area / aspect <= 1)
+        area, aspect = (np.take_along_axis(a, fits.argmax(1)[:, None], 1)[:, 0] for a in (area, aspect))
+        width = np.where(fits.any(1), np.sqrt(area * aspect), 1.0)
+        height = np.where(fits.any(1), np.sqrt(area / aspect), 1.0)
+    theta = np.zeros((size, 3, 3))
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 2, 2] = width, height, 1.0
+    theta[:, :2, 2] = rng.uniform(-1.0, 1.0, (size, 2)) * (1.0 - np.stack([width, height], 1))
+    if config.hflip:  # crop @ flip: the flip negates the crop's x column
+        theta[:, :, 0] *= np.where(rng.random(size) < 0.5, -1.0, 1.0)[:, None]
+    for slot in range(ops.shape[1]):
+        theta = theta @ _geometric_maps(ops[:, slot], strength[:, slot])
+    return theta[:, :2].astype(np.float32)
+
+
+def _geometric_maps(ops: np.ndarray, strength: np.ndarray) -> np.ndarray:
+    """(n, 3, 3): each image's geometric operation at its strength; the identity for the others."""
+    names = np.asarray(RAND_AUGMENT_OPS)[ops]
+    maps = np.tile(np.eye(3), (len(ops), 1, 1))
+    angle = np.radians(strength * ROTATE_DEGREES)
+    rotate = names == "rotate"
+    maps[rotate, 0, 0] = maps[rotate, 1, 1] = np.cos(angle[rotate])
+    maps[rotate, 0, 1], maps[rotate, 1, 0] = -np.sin(angle[rotate]), np.sin(angle[rotate])
+    shear, shift = np.tan(np.radians(strength * SHEAR_DEGREES)), 2 * strength * TRANSLATE_FRACTION
+    for op, entry, value in (
+        ("shear_x", (0, 1), shear),
+        ("shear_y", (1, 0), shear),
+        ("translate_x", (0, 2), shift),
+        ("translate_y", (1, 2), shift),
+    ):
+        chosen = names == op
+        maps[chosen, entry[0], entry[1]] = value[chosen]
+    return maps
+
+
+def random_erasing_boxes(rng: np.random.Generator, size: int, probability: float) -> np.ndarray:
+    """(size, 4): (top, left, height, width) as fractions of the side, all zero where nothing is
+    erased: 1/50 to 1/3 of the area, aspect ratio 0.3 to 3.3, as in DeiT."""
+    erased = rng.random(size) < probability
+    area = rng.uniform(0.02, 1 / 3, size)
+    aspect = np.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3), size))
+    height, width = np.minimum(1.0, np.sqrt(area * aspect)), np.minimum(1.0, np.sqrt(area / aspect))
+    top, left = rng.uniform(0.0, 1.0 - height), rng.uniform(0.0, 1.0 - width)
+    return np.where(erased[:, None], np.stack([top, left, height, width], 1), 0.0).astype(np.float32)
 
 
 def augment(images: torch.Tensor, draws: Draws, compiled: bool = False, size: int | None = None) -> torch.Tensor:

@@ -32,19 +32,18 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from components import checkpoints
 from components.atomic import write_json
-from components.augment import RandomDraws, augment
+from components.augment import augment, endless_batches
 from components.data import DataError, decode_split, resolve, to_input
 from components.devices import pick_device
 from components.evaluate import accuracy, predict
 from components.plots import attention_scale_figure, grouped_bars_figure, similarity_figure
 from components.presets import TrainConfig, check_crop_scale
 from components.tracking import open_task
-from components.train import EpochBatches, learning_rate, on_device
+from components.train import learning_rate
 from model import ViT
 
 
@@ -61,15 +60,10 @@ def finetune(
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     images, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
-    draws = RandomDraws(len(images), config)
-    sampler = EpochBatches(len(images), config.batch_size, 0, 1_000_000, config.seed)
-    loader = DataLoader(draws, batch_sampler=sampler, collate_fn=draws.collate, pin_memory=device.type == "cuda")
+    batches = endless_batches(len(images), config, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     losses = []
-    batches = tqdm(on_device(loader, device), total=steps, desc="fine-tune", unit="step")
-    for step, batch in enumerate(batches):
-        if step == steps:
-            break
+    for step, batch in zip(tqdm(range(steps), desc="fine-tune", unit="step"), batches):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step, steps, steps_per_epoch=1)
         with autocast:

@@ -31,7 +31,6 @@ class TrainConfig:
     cutmix_alpha: float = 0.0
     ema_decay: float = 0.0
     compile: str = "auto"
-    workers: int = -1
     log_every: int = 10
     validate_every: int = 1
     checkpoint_minutes: float = 1.0
@@ -66,7 +65,6 @@ HELP = {
     "validated and saved as best.pt (e.g. 0.998); 0 disables it",
     "compile": "torch.compile's mode: auto (reduce-overhead, i.e. with CUDA graphs, on a GPU; off on a CPU), off, "
     "default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs",
-    "workers": "processes drawing the augmentation; -1 picks by the machine",
     "log_every": "steps between reports of the training loss (read without waiting for the device)",
     "validate_every": "epochs between validations (the last epoch always validates); checkpoints follow them",
     "checkpoint_minutes": "least minutes between checkpoints (the last epoch always saves); 0: at every validation",

@@ -2,8 +2,8 @@
 
 AdamW with linear warm-up and cosine decay, label smoothing, RandAugment, random erasing,
 mixup/cutmix, gradient clipping; on a GPU bf16 autocast and torch.compile with CUDA graphs.
-Images are decoded once and kept on the training device; loader processes draw each image's
-augmentation, seeded by (seed, epoch, image) so that a resumed run sees exactly the images an
+Images are decoded once and kept on the training device; each epoch's augmentation is drawn at
+its start, seeded by (seed, epoch) so that a resumed run sees exactly the images an
 uninterrupted one would, and `components.augment` applies the draws there, a batch at a time.
 
     python -m components.train --data runs/data/<version> --preset smoke --output runs/train
@@ -16,21 +16,20 @@ import collections
 import copy
 import functools
 import math
-import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from components import checkpoints
 from components.atomic import write_json
-from components.augment import Draws, RandomDraws, augment, mix
+from components.augment import Draws, augment, batch_draws, draw, epoch_batches, len_epoch, mix, on_device
 from components.data import DataError, decode_split, from_input, resolve
 from components.devices import pick_device
 from components.evaluate import accuracy, predict
@@ -38,59 +37,6 @@ from components.plots import curves_figure, image_grid_figure
 from components.presets import TrainConfig, add_override_flags, overrides_from, preset
 from components.tracking import open_task
 from model import ViT, model_config
-
-
-class EpochBatches(Sampler):
-    """Batches of (epoch, index) for epochs [first, last), each epoch shuffled by (seed, epoch)
-    and cut into full batches. One sampler for the whole run keeps loader processes alive."""
-
-    def __init__(self, size: int, batch_size: int, first: int, last: int, seed: int):
-        self.size, self.batch_size, self.first, self.last, self.seed = size, batch_size, first, last, seed
-
-    def __len__(self) -> int:
-        return (self.last - self.first) * self.steps_per_epoch
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, self.size // self.batch_size)
-
-    def __iter__(self):
-        for epoch in range(self.first, self.last):
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 10_007 + epoch))
-            for step in range(self.steps_per_epoch):
-                yield [(epoch, int(i)) for i in order[step * self.batch_size : (step + 1) * self.batch_size]]
-
-
-def on_device(batches: Iterable[Draws], device: torch.device) -> Iterator[Draws]:
-    """The loader's (pinned) draws with their tensors moved to ``device``. On a GPU each batch is
-    copied on a side stream while the training stream still works on the previous one, so that
-    the step never waits for a copy."""
-    if device.type != "cuda":
-        yield from (_moved(draws, device) for draws in batches)
-        return
-    copies = torch.cuda.Stream(device)
-    batches = iter(batches)
-
-    def copy_next() -> Draws | None:
-        draws = next(batches, None)
-        if draws is None:
-            return None
-        with torch.cuda.stream(copies):
-            return _moved(draws, device)
-
-    upcoming = copy_next()
-    while upcoming is not None:
-        training = torch.cuda.current_stream(device)
-        training.wait_stream(copies)  # the batch is there before the step reads it
-        for part in upcoming:
-            if isinstance(part, torch.Tensor):
-                part.record_stream(training)  # and its memory is not reused while the step runs
-        ready, upcoming = upcoming, copy_next()  # this copy overlaps the step on `ready`
-        yield ready
-
-
-def _moved(draws: Draws, device: torch.device) -> Draws:
-    return Draws(*(part.to(device, non_blocking=True) if isinstance(part, torch.Tensor) else part for part in draws))
 
 
 def batch_inputs(
@@ -273,34 +219,6 @@ def update_average(average: ViT, model: ViT, decay: float, step: int) -> None:
     get_ema_multi_avg_fn(warmed_up)(list(average.parameters()), list(model.parameters()), None)
 
 
-def _single_threaded_worker(_worker_id: int) -> None:
-    """Many loader processes each with a full thread pool would fight over the cores."""
-    torch.set_num_threads(1)
-
-
-def _workers(config: TrainConfig, device: torch.device) -> int:
-    if config.workers >= 0:
-        return config.workers
-    # Drawing costs about 40 us an image: a few processes outpace any GPU's training step.
-    return 0 if device.type == "cpu" else min(4, max(0, (os.cpu_count() or 1) - 2))
-
-
-def training_batches(size: int, config: TrainConfig, first_epoch: int, device: torch.device) -> DataLoader:
-    """The `Draws` of the batches of epochs [first_epoch, epochs) of a split of ``size`` images,
-    for `augment`, from loader processes that live for the whole run."""
-    workers = _workers(config, device)
-    draws = RandomDraws(size, config)
-    return DataLoader(
-        draws,
-        batch_sampler=EpochBatches(size, config.batch_size, first_epoch, config.epochs, config.seed),
-        collate_fn=draws.collate,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-        worker_init_fn=_single_threaded_worker,
-    )
-
-
 def train(data: str, preset_name: str, output: Path, resume: bool = False, device: str = "auto", **overrides) -> dict:
     """Trains and returns ``{"checkpoint" (best.pt), "last_checkpoint", "image_size", "epochs"
     (those that ended in a validation), "train_loss" (mean since the previous validation),
@@ -354,17 +272,16 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             print(f"resuming {last_path} after epoch {first_epoch}")
         forward = compiled(model, config, device)
 
-        loader = training_batches(len(train_images), config, first_epoch, device)
-        draws, sampler = loader.dataset, loader.batch_sampler
         if first_epoch == 0:
-            sample = _moved(draws.collate([draws[(0, i)] for i in range(min(16, len(draws)))]), device)
+            shown = np.arange(min(16, len(train_images)))
+            sample = on_device([batch_draws(draw(len(train_images), config, 0), shown)], device)[0]
             sample_images = from_input(augment(train_images, sample, size=config.image_size))
             sample_classes = [classes[i] for i in train_labels[sample.index].tolist()]
             tracker.figure("augmented training images", image_grid_figure(sample_images, sample_classes))
 
         valid_images = torch.from_numpy(valid_images).to(device)  # uploaded once
-        steps_per_epoch, total_steps = sampler.steps_per_epoch, config.epochs * sampler.steps_per_epoch
-        step = first_epoch * steps_per_epoch
+        steps_per_epoch = len_epoch(len(train_images), config.batch_size)
+        total_steps, step = config.epochs * steps_per_epoch, first_epoch * steps_per_epoch
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
         # Loss and correct predictions summed per epoch on the device, read at validations only.
@@ -375,34 +292,33 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         saved_at, timed_from = time.monotonic(), None
         stopwatch = Stopwatch()
         model.train()
-        for batch in on_device(loader, device):
-            stopwatch.lap("waiting for the data loader")
-            epoch = step // steps_per_epoch
-            if step % steps_per_epoch == 0:
-                torch.manual_seed(config.seed * 10_007 + epoch)  # dropout, drop path, erasing, mixup: per epoch
-            lr = learning_rate(config, step, total_steps, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images, labels, targets = batch_inputs(train_images, train_labels, batch, config, len(classes))
-            loss, logits = optimization_step(forward, model, optimizer, images, targets, config, autocast)
-            if average is not None:
-                update_average(average, model, config.ema_decay, step)
-            epoch_sums[epoch, 0] += loss.detach()
-            epoch_sums[epoch, 1] += (logits.argmax(-1) == labels).sum()
-            step += 1
-            window_images += len(labels)
-            progress.update()
-
-            if step % config.log_every == 0:
-                elapsed = time.perf_counter() - window_start
-                step_losses.push(loss, step=step, lr=lr, images_per_second=window_images / elapsed)
-                window_start, window_images = time.perf_counter(), 0
-            for value, logged in step_losses.arrived():
-                report_step(tracker, progress, value, **logged)
-            stopwatch.lap("training steps")
+        for epoch in range(first_epoch, config.epochs):
+            torch.manual_seed(config.seed * 10_007 + epoch)  # dropout, drop path, erasing, mixup: per epoch
+            batches = epoch_batches(len(train_images), config, epoch, device)
+            stopwatch.lap("drawing the augmentation")
+            for batch in batches:
+                lr = learning_rate(config, step, total_steps, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images, labels, targets = batch_inputs(train_images, train_labels, batch, config, len(classes))
+                loss, logits = optimization_step(forward, model, optimizer, images, targets, config, autocast)
+                if average is not None:
+                    update_average(average, model, config.ema_decay, step)
+                epoch_sums[epoch, 0] += loss.detach()
+                epoch_sums[epoch, 1] += (logits.argmax(-1) == labels).sum()
+                step += 1
+                window_images += len(labels)
+                progress.update()
+                if step % config.log_every == 0:
+                    elapsed = time.perf_counter() - window_start
+                    step_losses.push(loss, step=step, lr=lr, images_per_second=window_images / elapsed)
+                    window_start, window_images = time.perf_counter(), 0
+                for value, logged in step_losses.arrived():
+                    report_step(tracker, progress, value, **logged)
+                stopwatch.lap("training steps")
 
             last_epoch = epoch + 1 == config.epochs
-            if step % steps_per_epoch == 0 and ((epoch + 1) % config.validate_every == 0 or last_epoch):
+            if (epoch + 1) % config.validate_every == 0 or last_epoch:
                 loss_sum, correct = epoch_sums[unreported_from : epoch + 1].sum(0).tolist()
                 trained_steps = (epoch + 1 - unreported_from) * steps_per_epoch
                 unreported_from = epoch + 1
@@ -449,7 +365,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                     f"valid loss {val_loss:.4f}, valid accuracy {val_accuracy:.4f}"
                 )
             stopwatch.lap("validation and checkpoints")
-            if step == (first_epoch + 1) * steps_per_epoch:  # throughput is timed after the first epoch
+            if epoch == first_epoch:  # throughput is timed after the first epoch
                 timed_from = time.perf_counter()
                 stopwatch.restart()
         for value, logged in step_losses.arrived(wait=True):

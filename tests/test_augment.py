@@ -1,8 +1,10 @@
-"""augment: the draws are a function of (seed, epoch, image); the pixel operations are
+"""augment: the draws are a function of (seed, epoch); the pixel operations are
 torchvision's, per image; the warp is the one OpenCV computes for the same map; crops stay
 inside the image; erased boxes are random pixels."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -17,9 +19,14 @@ from components.augment import (
     POSTERIZE_BITS,
     RAND_AUGMENT_OPS,
     SOLARIZE_THRESHOLD,
-    RandomDraws,
+    Draws,
+    ImageDraws,
     augment,
+    batch_draws,
+    draw,
+    epoch_batches,
     mix,
+    on_device,
     rand_augment_pixels,
     sampling_grid,
     warp,
@@ -30,28 +37,57 @@ from components.presets import preset
 IMAGES = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8))
 
 
-def random_draws(**settings) -> RandomDraws:
-    return RandomDraws(len(IMAGES), preset("smoke", **settings))
+def random_draws(epoch: int = 0, size: int = len(IMAGES), **settings) -> ImageDraws:
+    return draw(size, preset("smoke", **settings), epoch)
 
 
-def batch(draws: RandomDraws, epoch: int = 0, indices: list[int] | None = None):
-    return draws.collate([draws[(epoch, i)] for i in (range(len(IMAGES)) if indices is None else indices)])
+def batch(drawn: ImageDraws, indices: list[int] | None = None) -> Draws:
+    return batch_draws(drawn, np.arange(len(drawn.geometry)) if indices is None else np.array(indices))
 
 
-def test_draws_are_a_function_of_seed_epoch_and_image():
-    draws = random_draws(rand_augment=2, random_erasing=0.5)
-    index, ops, strength, geometry, box = draws[(3, 1)]
-    assert index == 1 and ops.shape == strength.shape == (2,) and geometry.shape == (2, 3) and box.shape == (4,)
-    again = random_draws(rand_augment=2, random_erasing=0.5)[(3, 1)]  # a fresh copy, as in another process
-    assert all(np.array_equal(a, b) for a, b in zip(draws[(3, 1)], again))
-    assert not np.array_equal(draws[(4, 1)][3], geometry)  # another epoch: another view
-    assert not np.array_equal(random_draws(rand_augment=2, random_erasing=0.5, seed=1)[(3, 1)][3], geometry)
+def test_draws_are_a_function_of_seed_and_epoch():
+    config = preset("smoke", rand_augment=2, random_erasing=0.5)
+    drawn = draw(8, config, epoch=3)
+    assert drawn.ops.shape == drawn.strength.shape == (8, 2) and drawn.geometry.shape == (8, 2, 3)
+    assert drawn.box.shape == (8, 4)
+    assert all(np.array_equal(a, b) for a, b in zip(drawn, draw(8, config, epoch=3)))  # as a resumed run draws
+    assert not np.array_equal(draw(8, config, epoch=4).geometry, drawn.geometry)  # another epoch: another view
+    assert not np.array_equal(draw(8, replace(config, seed=1), epoch=3).geometry, drawn.geometry)
+    many = draw(500, config, epoch=0).ops
+    assert all(len(set(ops)) == 2 for ops in many)  # two different operations an image
+    assert np.bincount(many.ravel(), minlength=len(RAND_AUGMENT_OPS)).min() > 40  # each of the 14 drawn
+
+
+def test_every_epoch_trains_each_image_once_in_full_batches_of_its_own_order():
+    config = preset("smoke", batch_size=3, rand_augment=2, random_erasing=0.5)
+    batches = epoch_batches(10, config, 1, torch.device("cpu"))
+    index = torch.cat([batch.index for batch in batches])
+    assert [len(batch.index) for batch in batches] == [3, 3, 3] and len(set(index.tolist())) == 9
+    drawn = draw(10, config, 1)
+    for batch in batches:  # an image's draws are its own, whatever batch it lands in
+        assert torch.equal(batch.geometry, torch.from_numpy(drawn.geometry[batch.index]))
+        assert torch.equal(batch.box, torch.from_numpy(drawn.box[batch.index]))
+    again = epoch_batches(10, config, 1, torch.device("cpu"))  # a resumed epoch is the same epoch
+    assert all(torch.equal(a.index, b.index) and torch.equal(a.strength, b.strength) for a, b in zip(batches, again))
+    assert not torch.equal(
+        torch.cat([batch.index for batch in epoch_batches(10, config, 2, torch.device("cpu"))]), index
+    )
+
+
+def test_the_copy_to_the_device_keeps_each_batchs_draws():
+    # One copy per field for the whole epoch, split back into batches: on a CPU the same path.
+    drawn = random_draws(size=8, rand_augment=2, random_erasing=0.5)
+    batches = [batch(drawn, [5, 2, 7]), batch(drawn, [0, 1, 3]), batch(drawn, [4, 6, 2])]
+    for ours, theirs in zip(on_device(batches, torch.device("cpu")), batches, strict=True):
+        assert ours.group_sizes == theirs.group_sizes
+        assert all(torch.equal(a, b) for a, b in zip(ours[:-1], theirs[:-1]))
+    no_erasing = [batch(random_draws(random_erasing=0.0), [1, 2])]
+    assert on_device(no_erasing, torch.device("cpu"))[0].box is None
 
 
 def test_without_augmentation_the_input_is_the_image():
-    draws = random_draws(crop_scale=1.0, hflip=False, rand_augment=0, random_erasing=0.0)
     order = [5, 2, 7, 0]
-    drawn = batch(draws, indices=order)
+    drawn = batch(random_draws(crop_scale=1.0, hflip=False, rand_augment=0, random_erasing=0.0), order)
     assert drawn.box is None and drawn.group_sizes == ()  # nothing to erase, no operations to run
     assert torch.allclose(augment(IMAGES, drawn), to_input(IMAGES[order]), atol=1e-5)
 
@@ -66,12 +102,12 @@ def test_a_warp_to_a_smaller_size_resamples_the_whole_image(size):
 
 
 def test_each_batch_position_is_in_the_group_of_each_pixel_operation_it_drew():
-    draws = random_draws(rand_augment=3)
-    drawn = batch(draws, epoch=2)
+    draws = random_draws(epoch=2, rand_augment=3)
+    drawn = batch(draws)
     groups = drawn.groups.split(drawn.group_sizes)
     slots_and_ops = [(slot, op) for slot in range(3) for op in PIXEL_OPS]
     for position in range(len(IMAGES)):
-        drawn_ops = [RAND_AUGMENT_OPS[op] for op in draws[(2, position)][1]]
+        drawn_ops = [RAND_AUGMENT_OPS[op] for op in draws.ops[position]]
         for (slot, op), group in zip(slots_and_ops, groups, strict=True):
             assert (position in group.tolist()) == (drawn_ops[slot] == op)
 
@@ -106,12 +142,11 @@ def test_pixel_operations_are_torchvisions_with_a_strength_per_image(op):
 
 
 def test_pixel_operations_run_in_each_images_drawn_order():
-    draws = random_draws(rand_augment=3)
     for epoch in range(3):
-        drawn = batch(draws, epoch)
-        ours = rand_augment_pixels(IMAGES.permute(0, 3, 1, 2).float(), drawn)
+        draws = random_draws(epoch, rand_augment=3)
+        ours = rand_augment_pixels(IMAGES.permute(0, 3, 1, 2).float(), batch(draws))
         for position in range(len(IMAGES)):
-            _, ops, strength, _, _ = draws[(epoch, position)]
+            ops, strength = draws.ops[position], draws.strength[position]
             expected = IMAGES[position].permute(2, 0, 1)[None].float()
             for op, value in zip(ops, strength):
                 if RAND_AUGMENT_OPS[op] in PIXEL_OPS:
@@ -139,7 +174,7 @@ def test_the_sampling_grid_is_affine_grids():
 def test_the_device_warp_equals_opencvs_for_the_same_map(epoch):
     # OpenCV is the independent reference: the map, turned from [-1, 1] coordinates into
     # pixels, warps each image alike (up to OpenCV's 5-bit interpolation weights).
-    drawn = batch(random_draws(crop_scale=0.35, rand_augment=2), epoch)
+    drawn = batch(random_draws(epoch, crop_scale=0.35, rand_augment=2))
     side = IMAGES.shape[1]
     warped = ((warp(IMAGES.permute(0, 3, 1, 2).float(), drawn.geometry, None, side) + 1) * 127.5).permute(0, 2, 3, 1)
     warped = warped.numpy()
@@ -159,8 +194,7 @@ def test_the_device_warp_equals_opencvs_for_the_same_map(epoch):
 
 
 def test_crops_stay_inside_the_image_and_half_are_flipped():
-    draws = random_draws(crop_scale=0.2, rand_augment=0)
-    geometry = np.stack([draws[(epoch, i)][3] for epoch in range(50) for i in range(len(IMAGES))])
+    geometry = random_draws(size=400, crop_scale=0.2, rand_augment=0).geometry
     corners = np.array([[-1, -1, 1], [-1, 1, 1], [1, -1, 1], [1, 1, 1]], dtype=np.float32).T
     assert np.all(np.abs(geometry @ corners) <= 1 + 1e-6)
     scale = np.abs(geometry[:, 0, 0] * geometry[:, 1, 1])  # the crop's area fraction
@@ -169,17 +203,16 @@ def test_crops_stay_inside_the_image_and_half_are_flipped():
 
 
 def test_erased_boxes_are_random_pixels_and_the_rest_is_untouched():
-    draws = random_draws(crop_scale=1.0, hflip=False, rand_augment=0, random_erasing=0.5)
-    indices = [i for _ in range(25) for i in range(len(IMAGES))]
-    drawn = draws.collate([draws[(epoch, i)] for epoch in range(25) for i in range(len(IMAGES))])
+    images = IMAGES.repeat(25, 1, 1, 1)
+    drawn = batch(random_draws(size=len(images), crop_scale=1.0, hflip=False, rand_augment=0, random_erasing=0.5))
     boxes = drawn.box.numpy()
     erased = boxes[:, 2] > 0
     assert 0.35 < erased.mean() < 0.65
     area = boxes[erased, 2] * boxes[erased, 3]
     assert area.min() >= 0.02 - 1e-6 and area.max() <= 1 / 3 + 1e-6
     torch.manual_seed(0)
-    inputs = augment(IMAGES, drawn)
-    changed = (inputs - to_input(IMAGES[indices])).abs().amax(1) > 1e-4  # (N, S, S)
+    inputs = augment(images, drawn)
+    changed = (inputs - to_input(images)).abs().amax(1) > 1e-4  # (N, S, S)
     side = IMAGES.shape[1]
     for index in np.flatnonzero(erased)[:20]:
         top, left, height, width = (np.round(boxes[index] * side)).astype(int)
@@ -189,9 +222,9 @@ def test_erased_boxes_are_random_pixels_and_the_rest_is_untouched():
 
 
 def test_the_compiled_warp_computes_what_the_eager_one_does():
-    draws = random_draws(rand_augment=2, random_erasing=0.5)
-    drawn = draws.collate([draws[(epoch, i)] for epoch in range(4) for i in range(len(IMAGES))])
-    eager, compiled = augment(IMAGES, drawn), augment(IMAGES, drawn, compiled=True)
+    images = IMAGES.repeat(4, 1, 1, 1)
+    drawn = batch(random_draws(size=len(images), rand_augment=2, random_erasing=0.5))
+    eager, compiled = augment(images, drawn), augment(images, drawn, compiled=True)
     erased = (drawn.box[:, 2] > 0).numpy()  # their boxes hold random pixels, from another generator
     assert 0 < erased.sum() < len(erased)
     torch.testing.assert_close(compiled[~erased], eager[~erased], atol=1e-4, rtol=0)

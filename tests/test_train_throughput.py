@@ -34,7 +34,7 @@ def test_the_small_setting_prints_every_row(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert [(r["scope"], r["impl"], r["mode"]) for r in rows] == [
-        ("data loader", "augment", "eager"),
+        ("augmentation", "augment", "eager"),
         ("model step", "timm", "eager"),
         ("model step", "sdpa", "eager"),
         ("model step", "separate", "eager"),
@@ -99,7 +99,7 @@ def test_step_breakdown_prints_every_row(tmp_path):
     assert [row.split("  ")[0] for row in rows] == [
         "1. optimization step, fixed batch",
         "2. + augmentation (draws on the device)",
-        "3. + data loader",
+        "3. + drawing each epoch's draws",
         "augmentation alone",
-        "data loader alone",
+        "drawing alone",
     ]
