@@ -194,15 +194,17 @@ def augment(images: torch.Tensor, draws: Draws, compiled: bool = False, size: in
     float model input (B, 3, s, s) in [-1, 1] at s = ``size`` or S (the warp resamples). The
     pixel operations run in float16 on a GPU, where each of their passes is bound by memory
     traffic and 0-255 is exact in half precision; in float32 on a CPU, which is slow at half.
-    ``compiled``: the warp and erasing through torch.compile, which fuses their dozen passes
-    over the batch into a few kernels (on an H100 the eager augmentation took 2.1 ms a batch
+    Without them the warp reads the uint8 batch itself. ``compiled``: the warp and erasing
+    through torch.compile, which fuses their dozen passes over the batch, the conversion from
+    uint8 included, into a few kernels (on an H100 the eager augmentation took 2.1 ms a batch
     of 256, 15% of a step with CUDA graphs); the pixel operations stay eager, their group
     sizes change every batch."""
-    dtype = torch.float16 if images.device.type == "cuda" and any(draws.group_sizes) else torch.float32
     batch = images.index_select(0, draws.index).permute(0, 3, 1, 2)
-    pixels = batch.to(dtype, memory_format=torch.contiguous_format)
+    if draws.group_sizes:  # RandAugment is on
+        dtype = torch.float16 if images.device.type == "cuda" else torch.float32
+        batch = rand_augment_pixels(batch.to(dtype, memory_format=torch.contiguous_format), draws)
     transform = _compiled_warp() if compiled else warp
-    return transform(rand_augment_pixels(pixels, draws), draws.geometry, draws.box, size or pixels.shape[-1])
+    return transform(batch, draws.geometry, draws.box, size or batch.shape[-1])
 
 
 @functools.cache
@@ -222,9 +224,9 @@ def rand_augment_pixels(pixels: torch.Tensor, draws: Draws) -> torch.Tensor:
 
 
 def warp(pixels: torch.Tensor, geometry: torch.Tensor, boxes: torch.Tensor | None, size: int) -> torch.Tensor:
-    """float (B, 3, S, S) in [0, 255], warps (B, 2, 3) and erased boxes (B, 4) or None -> model
-    input (B, 3, size, size) in [-1, 1] (outside the image: black); erased boxes hold random
-    pixels."""
+    """Images (B, 3, S, S) in [0, 255], uint8 or float, warps (B, 2, 3) and erased boxes (B, 4)
+    or None -> model input (B, 3, size, size) in [-1, 1] (outside the image: black); erased
+    boxes hold random pixels."""
     grid = sampling_grid(geometry, size)  # float32: grid_sample at half gives NaN on a CPU
     x = F.grid_sample(pixels.float(), grid, padding_mode="zeros", align_corners=False).div_(127.5).sub_(1.0)
     if boxes is None:
