@@ -3,6 +3,7 @@ atomically and read back with ``torch.load(..., weights_only=True)``."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -16,6 +17,50 @@ def save_atomic(payload: dict, path: Path) -> Path:
     with atomic_path(path) as temporary:
         torch.save(payload, temporary)
     return Path(path)
+
+
+class CheckpointWriter:
+    """Writes checkpoints from a background thread, so that training goes on while the files
+    are written (on this machine about 0.3 s for a ViT-Ti's best.pt and last.pt, during which a
+    GPU would otherwise idle): `save` copies the tensors to the host, the one wait for the
+    device, and returns; `wait` returns once the last write is done, raising its error if it
+    failed. One write at a time, each atomic (`save_atomic`)."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, files: dict[Path, dict]) -> None:
+        self.wait()
+        on_host = _on_host(files)  # training goes on changing the originals
+        self._thread = threading.Thread(target=self._write, args=(on_host,), name="checkpoint writer")
+        self._thread.start()
+
+    def _write(self, files: dict[Path, dict]) -> None:
+        try:
+            for path, payload in files.items():
+                save_atomic(payload, path)
+        except BaseException as error:  # raised where the training loop waits
+            self._error = error
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _on_host(value):
+    """A copy of ``value`` (nested dicts, lists and tuples) with its tensors copied to the host."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _on_host(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_on_host(item) for item in value)
+    return value
 
 
 def local_copy(reference: str | Path) -> Path:

@@ -223,7 +223,8 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
     """Trains and returns ``{"checkpoint" (best.pt), "last_checkpoint", "image_size", "epochs"
     (those that ended in a validation), "train_loss" (mean since the previous validation),
     "val_accuracy", "val_loss" (one per validation), "images_per_second" and "seconds_by_phase"
-    (of the loop, after the first epoch), "classes", "data_version", "model_id" (with a server),
+    (of the loop, after the first epoch; checkpoints count until their tensors are on the host,
+    the files are written meanwhile), "classes", "data_version", "model_id" (with a server),
     "plots", "clearml"}``; also written to ``output/train.json``."""
     output = Path(output)
     config = preset(preset_name, **overrides)
@@ -291,6 +292,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         window_start, window_images = time.perf_counter(), 0
         saved_at, timed_from = time.monotonic(), None
         stopwatch = Stopwatch()
+        writer = checkpoints.CheckpointWriter()
         model.train()
         for epoch in range(first_epoch, config.epochs):
             torch.manual_seed(config.seed * 10_007 + epoch)  # dropout, drop path, erasing, mixup: per epoch
@@ -342,22 +344,23 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                     best_accuracy = val_accuracy
                     best = {"model": {k: v.detach().clone() for k, v in validated.state_dict().items()}, "epoch": epoch}
                 if last_epoch or time.monotonic() - saved_at >= config.checkpoint_minutes * 60:
-                    checkpoints.save_atomic({**best, "config": model.config, "classes": classes}, best_path)
-                    checkpoints.save_atomic(
+                    writer.save(
                         {
-                            "model": model.state_dict(),
-                            "config": model.config,
-                            "classes": classes,
-                            "optimizer": optimizer.state_dict(),
-                            "average": None if average is None else average.state_dict(),
-                            "epoch": epoch,
-                            "history": history,
-                            "best": best,
-                            "best_accuracy": best_accuracy,
-                            "train_config": asdict(config),
-                            "data_version": dataset.version,
-                        },
-                        last_path,
+                            best_path: {**best, "config": model.config, "classes": classes},
+                            last_path: {
+                                "model": model.state_dict(),
+                                "config": model.config,
+                                "classes": classes,
+                                "optimizer": optimizer.state_dict(),
+                                "average": None if average is None else average.state_dict(),
+                                "epoch": epoch,
+                                "history": history,
+                                "best": best,
+                                "best_accuracy": best_accuracy,
+                                "train_config": asdict(config),
+                                "data_version": dataset.version,
+                            },
+                        }
                     )
                     saved_at = time.monotonic()
                 progress.write(
@@ -380,6 +383,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         if throughput:
             shares = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in stopwatch.seconds.most_common())
             print(f"after the first epoch: {throughput:.0f} images/s; the loop's time went to {shares}")
+        writer.wait()  # the last checkpoints are on disk
 
         figure = curves_figure(
             {

@@ -85,6 +85,27 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, 
         assert all(torch.equal(full[weights][key], again[weights][key]) for key in full[weights])
 
 
+def test_checkpoints_are_written_in_the_background_as_they_were_when_saved(tmp_path):
+    weights, history = {"w": torch.zeros(1000)}, [1.0]
+    writer = checkpoints.CheckpointWriter()
+    writer.save({tmp_path / "checkpoints" / "last.pt": {"model": weights, "config": {}, "history": history}})
+    weights["w"] += 1  # training goes on while the file is written
+    history.append(2.0)
+    writer.wait()
+    saved = checkpoints.load(tmp_path / "checkpoints" / "last.pt")
+    assert torch.equal(saved["model"]["w"], torch.zeros(1000)) and saved["history"] == [1.0]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_a_failed_checkpoint_write_is_raised_where_the_training_waits(tmp_path):
+    (tmp_path / "not-a-folder").write_text("")
+    writer = checkpoints.CheckpointWriter()
+    writer.save({tmp_path / "not-a-folder" / "last.pt": {"model": {}, "config": {}}})
+    with pytest.raises(OSError):
+        writer.wait()
+    writer.wait()  # raised once; the next checkpoint may still be written
+
+
 def test_the_weight_average_is_validated_and_kept_as_the_best_model(tmp_path):
     from components.train import update_average
 
