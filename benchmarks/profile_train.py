@@ -5,7 +5,7 @@ was while training.
 Busy fraction = device time per trained image x images/s (timed after the first epoch, under
 the profiler's own overhead): near 1, the device never waits and what remains is the work of
 the extra kernels (augmentation, mixup, clipping, the loss); well below 1, it waits for the
-host (data loader, Python, synchronisations).
+host (Python, synchronisations).
 
     python benchmarks/profile_train.py --data fashion.zip   # 8 epochs of vit-ti16-224, compiled on a GPU
 """

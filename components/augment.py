@@ -14,9 +14,10 @@ in one go (about 100 bytes an image); `augment` then applies a batch's draws to 
 
 Why on the device: sending 38 MB of augmented pixels a batch from loader processes through
 shared and pinned memory to the GPU held an H100 at 11,200 images/s, below the 14,600 of the
-model's own training step. Why an epoch at a time: drawing image by image took loader
-processes, and handing their batches over still cost the training loop about 1.2 ms a step on
-an H200 (8% of a step); drawn as arrays, an epoch of 3,600 images takes about a millisecond.
+model's own training step. Why an epoch at a time: drawn image by image, the draws took
+loader processes, and the training loop still spent about 1.2 ms a step (8%) waiting for
+their batches on an H200; drawn as arrays, an epoch of 3,600 images takes about 2 ms of one
+CPU core.
 The pixel operations run before the geometric ones (RandAugment draws their order at random; a
 fixed order changes little and lets the warps run together). Nothing here synchronises the
 host with the device.
