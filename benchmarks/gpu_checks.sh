@@ -86,7 +86,7 @@ elif [ "$part" = recipe ]; then
     --output-json $run/eval/evaluate.json
   size=384; [ -n "${SMALL:-}" ] && size=56
   step 90 "$OUT/highres.log" python3 -m components.highres --checkpoint $run/checkpoints/best.pt --data "$DATA" \
-    --image-size $size --reference-json $run/eval/evaluate.json --output-json $run/eval/highres.json
+    --image-size $size --output-json $run/eval/highres.json
   cp $run/curves.png $run/eval/evaluate.json $run/eval/highres.json $run/eval/highres.*.png "$OUT/"
 elif [ "$part" = finetune ]; then
   # Each argument is one set of highres flags, run on the model `recipe` trained earlier in the

@@ -10,7 +10,7 @@ import torch
 from components import checkpoints
 from components.augment import augment
 from components.data import decode_split, resolve
-from components.highres import calibrate_attention, highres, split_metrics
+from components.highres import calibrate_attention, highres, mcnemar_p, split_metrics
 from tests.conftest import FASHION_ZIP
 
 
@@ -41,6 +41,14 @@ def test_highres_switches_the_grid_evaluates_and_finetuning_lowers_the_loss(smok
     assert len(result["finetune_losses"]) == 30
     assert json.loads((tmp_path / "highres.json").read_text())["checkpoint"] == result["checkpoint"]
 
+    # image by image against the reference: the counts are the accuracy difference, split
+    n_test = len(decode_split(resolve(str(FASHION_ZIP)), "test", 32)[1])
+    assert set(result["test_changes"]) == {"bilinear", "bicubic", "bicubic_calibrated", "finetuned"}
+    for mode, change in result["test_changes"].items():
+        difference = (result[f"test_accuracy_{mode}"] - result["reference_accuracy"]) * n_test
+        assert change["gained"] - change["lost"] == round(difference)
+        assert change["mcnemar_p"] == mcnemar_p(change["gained"], change["lost"])
+
     model, saved = checkpoints.load_model(result["checkpoint"])
     assert model.image_size == (48, 48) and model.projector.grid == (6, 6)
 
@@ -63,6 +71,14 @@ def test_calibrate_attention_picks_the_lowest_validation_loss_and_flattens_when_
     assert model.config["attention_scale"] == chosen
     assert all(block.attn.scale == pytest.approx(chosen * block.attn.qkv_dim**-0.5) for block in model.blocks)
     assert split_metrics(model, images, labels, torch.device("cpu"))["loss"] == pytest.approx(curve["loss"].min())
+
+
+def test_mcnemar_p_is_the_two_sided_binomial_tail_of_the_changed_images():
+    assert mcnemar_p(0, 0) == 1.0  # nothing changed: no evidence either way
+    assert mcnemar_p(10, 0) == mcnemar_p(0, 10) == 2 / 2**10  # all ten changes one way
+    assert mcnemar_p(4, 1) == pytest.approx(2 * (1 + 5) / 2**5)  # C(5,0) + C(5,1), both tails
+    assert mcnemar_p(21, 19) == pytest.approx(0.875, abs=0.001)  # 40 changes split near evenly: chance
+    assert mcnemar_p(5, 5) == 1.0  # capped at 1: the two tails overlap at the middle
 
 
 @pytest.mark.parametrize("crop", [{}, {"finetune_crop_scale": 0.35}], ids=["default", "cropped"])
