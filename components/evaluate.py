@@ -41,8 +41,13 @@ def predict(
 
 def accuracy(logits: torch.Tensor, labels: np.ndarray, k: int = 1) -> float:
     """Fraction of images whose label is among the k highest logits."""
+    return float(correct(logits, labels, k).mean())
+
+
+def correct(logits: torch.Tensor, labels: np.ndarray, k: int = 1) -> np.ndarray:
+    """Per image, whether its label is among the k highest logits (ties as ``topk`` breaks them)."""
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return (top == torch.as_tensor(labels)[:, None]).any(dim=1).double().mean().item()
+    return (top == torch.as_tensor(labels)[:, None]).any(dim=1).numpy()
 
 
 def per_class_report(confusion: np.ndarray, classes: list[str]) -> pd.DataFrame:

@@ -42,7 +42,7 @@ from components.atomic import write_json
 from components.augment import augment, endless_batches
 from components.data import DataError, decode_split, resolve, to_input
 from components.devices import pick_device
-from components.evaluate import accuracy, predict
+from components.evaluate import accuracy, correct, predict
 from components.plots import attention_scale_figure, grouped_bars_figure, similarity_figure
 from components.presets import TrainConfig, check_crop_scale
 from components.tracking import open_task
@@ -62,8 +62,8 @@ def split_metrics(
 def logit_metrics(logits: torch.Tensor, labels: np.ndarray, reference: np.ndarray | None = None) -> dict:
     metrics = {"accuracy": accuracy(logits, labels), "loss": F.cross_entropy(logits, torch.from_numpy(labels)).item()}
     if reference is not None:
-        correct = logits.argmax(1).numpy() == labels
-        gained, lost = int(np.sum(correct & ~reference)), int(np.sum(~correct & reference))
+        right = correct(logits, labels)
+        gained, lost = int(np.sum(right & ~reference)), int(np.sum(~right & reference))
         metrics.update(gained=gained, lost=lost, mcnemar_p=mcnemar_p(gained, lost))
     return metrics
 
@@ -163,7 +163,7 @@ def highres(
         native_images, native_labels = decode_split(dataset, "test", native)
         native_logits = predict(trained.to(device), native_images, device)
         reference = logit_metrics(native_logits, native_labels)
-        reference_correct = native_logits.argmax(1).numpy() == native_labels
+        reference_correct = correct(native_logits, native_labels)
 
         try:  # 1. as trained: the model must refuse, and say how to fix it
             trained.to(device).eval()(to_input(torch.from_numpy(images[:1]).to(device)))

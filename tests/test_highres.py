@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from components import checkpoints
 from components.augment import augment
 from components.data import decode_split, resolve
-from components.highres import calibrate_attention, highres, mcnemar_p, split_metrics
+from components.highres import calibrate_attention, highres, logit_metrics, mcnemar_p, split_metrics
 from tests.conftest import FASHION_ZIP
 
 
@@ -79,6 +80,13 @@ def test_mcnemar_p_is_the_two_sided_binomial_tail_of_the_changed_images():
     assert mcnemar_p(4, 1) == pytest.approx(2 * (1 + 5) / 2**5)  # C(5,0) + C(5,1), both tails
     assert mcnemar_p(21, 19) == pytest.approx(0.875, abs=0.001)  # 40 changes split near evenly: chance
     assert mcnemar_p(5, 5) == 1.0  # capped at 1: the two tails overlap at the middle
+
+
+def test_gained_and_lost_break_ties_as_the_accuracy_does():
+    # bf16 logits tie now and then; the counts must add up to the accuracy they explain
+    logits = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 1.0], [3.0, 0.0, 3.0]])
+    metrics = logit_metrics(logits, np.array([1, 1, 2]), reference=np.zeros(3, dtype=bool))
+    assert metrics["gained"] == round(metrics["accuracy"] * 3) and metrics["lost"] == 0
 
 
 @pytest.mark.parametrize("crop", [{}, {"finetune_crop_scale": 0.35}], ids=["default", "cropped"])
