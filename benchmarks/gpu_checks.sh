@@ -93,7 +93,8 @@ elif [ "$part" = finetune ]; then
   # same call: fine-tunes compared on one checkpoint, one line each in finetune.tsv.
   shift
   size=384; [ -n "${SMALL:-}" ] && size=56
-  printf 'flags\ttest_accuracy_bicubic\ttest_accuracy_finetuned\ttest_loss_finetuned\n' > "$OUT/finetune.tsv"
+  printf 'flags\ttest_accuracy_bicubic\ttest_accuracy_finetuned\ttest_loss_finetuned\tfinetune_kept' > "$OUT/finetune.tsv"
+  printf '\ttest_accuracy_finetuned_interpolated\ttest_loss_finetuned_interpolated\n' >> "$OUT/finetune.tsv"
   for flags in "$@"; do
     rm -f /tmp/finetune.json
     # shellcheck disable=SC2086  # the flags are meant to split
@@ -103,7 +104,8 @@ elif [ "$part" = finetune ]; then
 import json, sys
 result = json.load(open("/tmp/finetune.json"))
 print(f"{sys.argv[1]}\t{result['test_accuracy_bicubic']:.4f}\t{result['test_accuracy_finetuned']:.4f}"
-      f"\t{result['test_loss_finetuned']:.4f}")
+      f"\t{result['test_loss_finetuned']:.4f}\t{result['finetune_kept']:.2f}"
+      f"\t{result['test_accuracy_finetuned_interpolated']:.4f}\t{result['test_loss_finetuned_interpolated']:.4f}")
 EOF2
   done
   cat "$OUT/finetune.tsv"

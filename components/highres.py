@@ -15,6 +15,12 @@ Side by side on the test split, with the images resized to the new size:
    on whole training images and flips: the training run's random-resized crops show objects
    larger than the test images do, and a fine-tune at the test size is where to undo that
    (Touvron et al. 2019, FixRes); ``--finetune-crop-scale`` crops again;
+6. the fine-tuned weights interpolated back toward the bicubic ones, keeping the share of the
+   fine-tune's change (0, 1/4, ..., 1) that gives the lowest loss on the validation split
+   (WiSE-FT, Wortsman et al. 2022): 300 steps on a few thousand images also fit them a little
+   too closely, and part of the way back keeps what the long training run learned (on the
+   H200 checkpoint of benchmarks/RESULTS.md: three quarters, a lower test loss and a point of
+   accuracy on every seed). This model is the one saved;
 
 and the accuracy at the training size as the reference row. Each variant's row also counts the
 test images it gets right that the reference got wrong and the reverse, with McNemar's exact
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,11 +50,14 @@ from components.augment import augment, endless_batches
 from components.data import DataError, decode_split, resolve, to_input
 from components.devices import pick_device
 from components.evaluate import accuracy, correct, predict
-from components.plots import attention_scale_figure, grouped_bars_figure, similarity_figure
+from components.plots import factor_figure, grouped_bars_figure, similarity_figure
 from components.presets import TrainConfig, check_crop_scale
 from components.tracking import open_task
 from components.train import learning_rate
 from model import ViT
+
+VARIANTS = ("bilinear", "bicubic", "bicubic_calibrated", "finetuned", "finetuned_interpolated")
+NOT_RUN = {"accuracy": None, "loss": None}
 
 
 def split_metrics(
@@ -101,6 +111,20 @@ def finetune(
     return torch.stack(losses).tolist()  # read once: no synchronisation per step
 
 
+def lowest_loss(
+    set_factor: Callable[[float], ViT], factors, images: np.ndarray, labels: np.ndarray, device: torch.device
+) -> pd.DataFrame:
+    """Evaluates the model ``set_factor(factor)`` returns for each factor on ``images`` (the
+    validation split), leaves it set to the factor with the lowest loss, and returns every
+    factor's loss and accuracy."""
+    curve = pd.DataFrame(
+        {"factor": float(factor), **split_metrics(set_factor(float(factor)), images, labels, device)}
+        for factor in factors
+    )
+    set_factor(float(curve["factor"][curve["loss"].idxmin()]))
+    return curve
+
+
 def calibrate_attention(
     model: ViT, images: np.ndarray, labels: np.ndarray, device: torch.device, trained_tokens: int, steps: int = 10
 ) -> pd.DataFrame:
@@ -109,13 +133,25 @@ def calibrate_attention(
     now has fewer tokens than ``trained_tokens``); returns every factor's loss and accuracy."""
     tokens = 1 + model.projector.grid[0] * model.projector.grid[1]
     direction = 1 if tokens >= trained_tokens else -1
-    factors = 2.0 ** (direction * np.linspace(0, 1, steps + 1))
-    curve = pd.DataFrame(
-        {"factor": float(factor), **split_metrics(model.set_attention_scale(factor), images, labels, device)}
-        for factor in factors
+    return lowest_loss(
+        model.set_attention_scale, 2.0 ** (direction * np.linspace(0, 1, steps + 1)), images, labels, device
     )
-    model.set_attention_scale(curve["factor"][curve["loss"].idxmin()])
-    return curve
+
+
+def interpolate_finetune(
+    model: ViT, before: dict[str, torch.Tensor], images: np.ndarray, labels: np.ndarray, device: torch.device, steps=4
+) -> pd.DataFrame:
+    """WiSE-FT: sets the fine-tuned ``model``'s weights to ``before + share * (fine-tuned -
+    before)``, with the share of the fine-tune's change kept (0 to 1 in ``steps`` steps) that
+    gives the lowest loss on ``images`` (the validation split); returns every share's loss and
+    accuracy."""
+    after = {name: weight.detach().clone() for name, weight in model.state_dict().items()}
+
+    def keep(share: float) -> ViT:
+        model.load_state_dict({name: torch.lerp(before[name], after[name], share) for name in after})
+        return model
+
+    return lowest_loss(keep, np.linspace(0, 1, steps + 1), images, labels, device)
 
 
 def _patch_grid(model: ViT) -> np.ndarray:
@@ -134,11 +170,12 @@ def highres(
     finetune_crop_scale: float = 1.0,
     device: str = "auto",
 ) -> dict:
-    """Runs the variants and returns ``{"image_size", "test_accuracy_bilinear",
-    "test_accuracy_bicubic", "test_accuracy_bicubic_calibrated", "attention_scale" (its factor),
-    "test_accuracy_finetuned", "test_changes" ({variant: {"gained", "lost", "mcnemar_p"}} against the
-    reference), "checkpoint" (the fine-tuned model, else the bicubic one), ...}``;
-    also written to ``output_json``."""
+    """Runs the variants and returns ``{"image_size", "reference_accuracy" (at the trained size),
+    "test_accuracy_<variant>" and "test_loss_<variant>" for each of `VARIANTS` (None where
+    skipped), "attention_scale" (its factor), "finetune_kept" (the share of the fine-tune's
+    change kept), "test_changes" ({variant: {"gained", "lost", "mcnemar_p"}} against the
+    reference), "checkpoint" (the fine-tuned model, else the bicubic one), ...}``; also written
+    to ``output_json``."""
     output_json = Path(output_json)
     check_crop_scale(finetune_crop_scale, "--finetune-crop-scale")  # before any work
     device = pick_device(device)
@@ -177,15 +214,16 @@ def highres(
             model, _ = checkpoints.load_model(Path(params["checkpoint"]))
             variants[name] = model.set_image_size(size, mode=mode)
         trained_tokens = 1 + trained.projector.grid[0] * trained.projector.grid[1]
+        valid_images, valid_labels = decode_split(dataset, "valid", size)
         calibration = calibrate_attention(  # 4.
-            variants["bicubic_calibrated"], *decode_split(dataset, "valid", size), device, trained_tokens
+            variants["bicubic_calibrated"], valid_images, valid_labels, device, trained_tokens
         )
         attention_scale = variants["bicubic_calibrated"].config["attention_scale"]
         print(f"attention scale chosen on the validation split: {attention_scale:.3f}")
         for name, model in variants.items():  # 2., 3. and 4.
             metrics[name] = split_metrics(model, images, labels, device, reference_correct)
 
-        finetuned_metrics, finetune_losses = None, []
+        finetune_losses, interpolation, kept = [], None, None
         result_model = variants["bicubic"]
         if params["finetune_steps"] > 0:  # 5.
             train_images, train_labels = decode_split(dataset, "train", size)
@@ -201,11 +239,16 @@ def highres(
                 batch_size=min(params["finetune_batch_size"], len(train_images)),
             )
             model, _ = checkpoints.load_model(Path(params["checkpoint"]))
-            model.set_image_size(size)
+            model.set_image_size(size).to(device)
+            before = {name: weight.detach().clone() for name, weight in model.state_dict().items()}
             finetune_losses = finetune(model, train_images, train_labels, config, params["finetune_steps"], device)
             for step, loss in enumerate(finetune_losses):
                 tracker.scalar("fine-tune loss", f"train @ {size}", loss, step)
-            finetuned_metrics = split_metrics(model, images, labels, device, reference_correct)
+            metrics["finetuned"] = split_metrics(model, images, labels, device, reference_correct)
+            interpolation = interpolate_finetune(model, before, valid_images, valid_labels, device)  # 6.
+            kept = float(interpolation["factor"][interpolation["loss"].idxmin()])
+            print(f"share of the fine-tune's change kept, chosen on the validation split: {kept:.2f}")
+            metrics["finetuned_interpolated"] = split_metrics(model, images, labels, device, reference_correct)
             result_model = model
 
         table = pd.DataFrame(
@@ -224,7 +267,14 @@ def highres(
                     if params["finetune_steps"] > 0
                     else "bicubic + fine-tuned (skipped: --finetune-steps 0)",
                     "image_size": size,
-                    **(finetuned_metrics or {"accuracy": None, "loss": None}),
+                    **metrics.get("finetuned", NOT_RUN),
+                },
+                {
+                    "variant": f"fine-tuned, x{kept:.2f} of its change kept"
+                    if kept is not None
+                    else "fine-tuned, part of its change kept (skipped)",
+                    "image_size": size,
+                    **metrics.get("finetuned_interpolated", NOT_RUN),
                 },
             ]
         ).astype({"gained": "Int64", "lost": "Int64"})
@@ -239,14 +289,19 @@ def highres(
         )
         figure.savefig(output_json.with_suffix(".png"), dpi=120)
         tracker.figure("accuracy by variant", figure)
-        calibration_figure = attention_scale_figure(
-            list(calibration["factor"]),
-            {"validation loss": list(calibration["loss"]), "validation accuracy": list(calibration["accuracy"])},
-            attention_scale,
-            f"bicubic position embeddings at {size}, trained at {native}",
-        )
-        calibration_figure.savefig(output_json.with_suffix(".attention.png"), dpi=120)
-        tracker.figure("attention scale on the validation split", calibration_figure)
+        curves = {"attention": (calibration, "attention logits multiplied by", "attention scale")}
+        if interpolation is not None:
+            curves["interpolation"] = (interpolation, "share of the fine-tune's change kept", "fine-tune kept")
+        for suffix, (curve, xlabel, name) in curves.items():
+            figure = factor_figure(
+                list(curve["factor"]),
+                {"validation loss": list(curve["loss"]), "validation accuracy": list(curve["accuracy"])},
+                float(curve["factor"][curve["loss"].idxmin()]),
+                xlabel,
+                f"bicubic position embeddings at {size}, trained at {native}",
+            )
+            figure.savefig(output_json.with_suffix(f".{suffix}.png"), dpi=120)
+            tracker.figure(f"{name} on the validation split", figure)
         similarity = similarity_figure(
             {f"trained ({native})": _patch_grid(trained), f"bicubic ({size})": _patch_grid(variants["bicubic"])}
         )
@@ -263,21 +318,23 @@ def highres(
             "trained_image_size": native,
             "reference_accuracy": reference["accuracy"],
             "no_resize_error": no_resize_error,
-            **{f"test_accuracy_{name}": metrics[name]["accuracy"] for name in metrics},
-            "test_accuracy_finetuned": finetuned_metrics and finetuned_metrics["accuracy"],
-            **{f"test_loss_{name}": metrics[name]["loss"] for name in metrics},
-            "test_loss_finetuned": finetuned_metrics and finetuned_metrics["loss"],
+            **{f"test_accuracy_{name}": metrics.get(name, NOT_RUN)["accuracy"] for name in VARIANTS},
+            **{f"test_loss_{name}": metrics.get(name, NOT_RUN)["loss"] for name in VARIANTS},
             "test_changes": {  # against the reference row, image by image
                 name: {key: variant[key] for key in ("gained", "lost", "mcnemar_p")}
-                for name, variant in {**metrics, "finetuned": finetuned_metrics}.items()
-                if variant
+                for name, variant in metrics.items()
             },
             "attention_scale": attention_scale,
             "attention_calibration": calibration.to_dict(orient="records"),
             "finetune_losses": finetune_losses,
+            "finetune_kept": kept,
+            "finetune_interpolation": [] if interpolation is None else interpolation.to_dict(orient="records"),
             "checkpoint": str(model_path),
             "model_id": model_id,
-            "plots": [str(output_json.with_suffix(suffix)) for suffix in (".png", ".attention.png", ".pos_embed.png")],
+            "plots": [
+                str(output_json.with_suffix(suffix))
+                for suffix in (".png", *(f".{name}.png" for name in curves), ".pos_embed.png")
+            ],
         }
         tracker.artifact("metrics", {k: v for k, v in result.items() if k not in ("finetune_losses", "plots")})
     result["clearml"] = tracker.session

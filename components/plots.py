@@ -108,14 +108,14 @@ def similarity_figure(grids: dict[str, np.ndarray]):
     return figure
 
 
-def attention_scale_figure(factors: list[float], metrics: dict[str, list[float]], chosen: float, title: str):
-    """One panel per metric (e.g. validation loss and accuracy) against the attention factor,
-    the chosen factor marked."""
+def factor_figure(factors: list[float], metrics: dict[str, list[float]], chosen: float, xlabel: str, title: str):
+    """One panel per metric (e.g. validation loss and accuracy) against a factor chosen on them
+    (the attention scale, the share of the fine-tune kept), the chosen factor marked."""
     figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False, layout="constrained")
     for axis, (name, values) in zip(axes[0], metrics.items()):
         axis.plot(factors, values, marker=".")
         axis.axvline(chosen, color="grey", linestyle="--", label=f"chosen: x{chosen:.2f}")
-        axis.set_xlabel("attention logits multiplied by")
+        axis.set_xlabel(xlabel)
         axis.set_ylabel(name)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)

@@ -36,6 +36,8 @@ def build_summary(mode: str, preset: str, steps: dict[str, dict]) -> dict:
                 "test_accuracy_bicubic_calibrated",
                 "attention_scale",
                 "test_accuracy_finetuned",
+                "finetune_kept",
+                "test_accuracy_finetuned_interpolated",
             )
         },
         "benchmark": {"rows": steps["benchmark_attention"]["rows"]},
@@ -47,6 +49,7 @@ def results_table(summary: dict) -> pd.DataFrame:
     """Accuracy at the training size and at 384, and the attention speed-ups, one row each."""
     evaluated, highres = summary["evaluate"], summary["highres"]
     size = highres["image_size"]
+    kept = "part" if highres["finetune_kept"] is None else f"x{highres['finetune_kept']:.2f}"
     accuracies = {
         f"test accuracy @ {evaluated['image_size']}": evaluated["test_accuracy"],
         f"test accuracy @ {size}, bilinear pos-embed": highres["test_accuracy_bilinear"],
@@ -55,6 +58,9 @@ def results_table(summary: dict) -> pd.DataFrame:
             "test_accuracy_bicubic_calibrated"
         ],
         f"test accuracy @ {size}, bicubic + fine-tuned": highres["test_accuracy_finetuned"],
+        f"test accuracy @ {size}, fine-tuned, {kept} of its change kept": highres[
+            "test_accuracy_finetuned_interpolated"
+        ],
     }
     rows = [(name, "-" if value is None else f"{value:.4f}") for name, value in accuracies.items()]
     benchmark = pd.DataFrame(summary["benchmark"]["rows"])

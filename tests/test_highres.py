@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,15 @@ import torch
 from components import checkpoints
 from components.augment import augment
 from components.data import decode_split, resolve
-from components.highres import calibrate_attention, highres, logit_metrics, mcnemar_p, split_metrics
+from components.highres import (
+    VARIANTS,
+    calibrate_attention,
+    highres,
+    interpolate_finetune,
+    logit_metrics,
+    mcnemar_p,
+    split_metrics,
+)
 from tests.conftest import FASHION_ZIP
 
 
@@ -25,7 +34,7 @@ def test_highres_switches_the_grid_evaluates_and_finetuning_lowers_the_loss(smok
     result = run_highres(smoke_run, tmp_path, finetune_steps=30)
     assert result["image_size"] == 48 and result["trained_image_size"] == 32
     assert "got 48x48" in result["no_resize_error"] and "set_image_size(48)" in result["no_resize_error"]
-    for mode in ("bilinear", "bicubic", "bicubic_calibrated", "finetuned"):
+    for mode in VARIANTS:
         assert 0.1 < result[f"test_accuracy_{mode}"] <= 1.0  # well above chance (0.1) after the resize
 
     # the attention scale: the factor in [1, 2] with the lowest validation loss, paper's attention first
@@ -40,23 +49,42 @@ def test_highres_switches_the_grid_evaluates_and_finetuning_lowers_the_loss(smok
     assert len({row["loss"] for row in curve}) == len(curve)  # each factor changed the model
     assert result["test_loss_finetuned"] < result["test_loss_bicubic"]
     assert len(result["finetune_losses"]) == 30
+
+    # the share of the fine-tune kept: from the bicubic start (the attention curve's first
+    # point, the same model on the same split) to the fine-tuned end, the lowest loss chosen
+    shares = result["finetune_interpolation"]
+    assert [row["factor"] for row in shares] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert shares[0]["loss"] == pytest.approx(curve[0]["loss"], rel=1e-5)
+    assert result["finetune_kept"] == min(shares, key=lambda row: row["loss"])["factor"]
+    if result["finetune_kept"] == 1.0:
+        assert result["test_loss_finetuned_interpolated"] == pytest.approx(result["test_loss_finetuned"])
+    for plot in result["plots"]:
+        assert Path(plot).is_file()
+    assert {Path(plot).name for plot in result["plots"]} == {
+        f"highres.{name}png" for name in ("", "attention.", "interpolation.", "pos_embed.")
+    }
     assert json.loads((tmp_path / "highres.json").read_text())["checkpoint"] == result["checkpoint"]
 
     # image by image against the reference: the counts are the accuracy difference, split
     n_test = len(decode_split(resolve(str(FASHION_ZIP)), "test", 32)[1])
-    assert set(result["test_changes"]) == {"bilinear", "bicubic", "bicubic_calibrated", "finetuned"}
+    assert set(result["test_changes"]) == set(VARIANTS)
     for mode, change in result["test_changes"].items():
         difference = (result[f"test_accuracy_{mode}"] - result["reference_accuracy"]) * n_test
         assert change["gained"] - change["lost"] == round(difference)
         assert change["mcnemar_p"] == mcnemar_p(change["gained"], change["lost"])
 
-    model, saved = checkpoints.load_model(result["checkpoint"])
+    model, saved = checkpoints.load_model(result["checkpoint"])  # the fine-tune, the share kept
     assert model.image_size == (48, 48) and model.projector.grid == (6, 6)
+    test_images, test_labels = decode_split(resolve(str(FASHION_ZIP)), "test", 48)
+    saved_loss = split_metrics(model, test_images, test_labels, torch.device("cpu"))["loss"]
+    assert saved_loss == pytest.approx(result["test_loss_finetuned_interpolated"], rel=1e-5)
 
 
 def test_highres_without_finetuning_reports_null(smoke_run, tmp_path):
     result = run_highres(smoke_run, tmp_path, image_size=64, finetune_steps=0)
     assert result["test_accuracy_finetuned"] is None and result["finetune_losses"] == []
+    assert result["test_accuracy_finetuned_interpolated"] is None and result["finetune_kept"] is None
+    assert result["finetune_interpolation"] == [] and len(result["plots"]) == 3
     assert len(result["attention_calibration"]) == 11 and 1.0 <= result["attention_scale"] <= 2.0
     assert checkpoints.load_model(result["checkpoint"])[0].projector.grid == (8, 8)
 
@@ -71,6 +99,28 @@ def test_calibrate_attention_picks_the_lowest_validation_loss_and_flattens_when_
     chosen = curve["factor"][curve["loss"].idxmin()]
     assert model.config["attention_scale"] == chosen
     assert all(block.attn.scale == pytest.approx(chosen * block.attn.qkv_dim**-0.5) for block in model.blocks)
+    assert split_metrics(model, images, labels, torch.device("cpu"))["loss"] == pytest.approx(curve["loss"].min())
+
+
+def test_interpolate_finetune_keeps_the_share_of_the_change_with_the_lowest_validation_loss(smoke_run):
+    model, _ = checkpoints.load_model(smoke_run["checkpoint"])
+    images, labels = decode_split(resolve(str(FASHION_ZIP)), "valid", 32)
+    before = {name: weight.clone() for name, weight in model.state_dict().items()}
+    torch.manual_seed(0)
+    with torch.no_grad():  # a stand-in for a fine-tune that went too far: every weight moved
+        for weight in model.parameters():
+            weight.add_(torch.randn_like(weight) * weight.std().nan_to_num(0.02))
+    after = {name: weight.clone() for name, weight in model.state_dict().items()}
+    end_loss = split_metrics(model, images, labels, torch.device("cpu"))["loss"]
+
+    curve = interpolate_finetune(model, before, images, labels, torch.device("cpu"), steps=4)
+    assert curve["factor"].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    start, _ = checkpoints.load_model(smoke_run["checkpoint"])
+    assert curve["loss"].iloc[0] == pytest.approx(split_metrics(start, images, labels, torch.device("cpu"))["loss"])
+    assert curve["loss"].iloc[-1] == pytest.approx(end_loss)
+    kept = curve["factor"][curve["loss"].idxmin()]
+    for name, weight in model.state_dict().items():
+        torch.testing.assert_close(weight, before[name] + kept * (after[name] - before[name]))
     assert split_metrics(model, images, labels, torch.device("cpu"))["loss"] == pytest.approx(curve["loss"].min())
 
 

@@ -82,6 +82,8 @@ def test_the_local_run_end_to_end(tmp_path):
                 "test_accuracy_bicubic_calibrated",
                 "attention_scale",
                 "test_accuracy_finetuned",
+                "finetune_kept",
+                "test_accuracy_finetuned_interpolated",
             )
         },
     }
@@ -97,9 +99,10 @@ def test_the_local_run_end_to_end(tmp_path):
     assert scalars(read_session(sessions["evaluate"]), "accuracy", "test @ 32") == [evaluated["test_accuracy"]]
     assert len(scalars(read_session(sessions["highres"]), "fine-tune loss", "train @ 56")) == 30
 
-    report = (tmp_path / "report.html").read_text()  # curves, confusion, 384 bars, attention, pos-embed, benchmark
-    assert report.count("data:image/png;base64,") == 6 and "clearml-task --import-offline-session" in report
+    report = (tmp_path / "report.html").read_text()  # curves, confusion, 384 bars, 2 curves, pos-embed, benchmark
+    assert report.count("data:image/png;base64,") == 7 and "clearml-task --import-offline-session" in report
     assert "test accuracy @ 56, bicubic + fine-tuned" in run.stdout  # the table on stdout
+    assert f"fine-tuned, x{highres['finetune_kept']:.2f} of its change kept" in run.stdout
 
 
 def test_a_failing_step_skips_its_dependents_and_keeps_what_finished(tmp_path):
