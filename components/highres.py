@@ -289,16 +289,28 @@ def highres(
         )
         figure.savefig(output_json.with_suffix(".png"), dpi=120)
         tracker.figure("accuracy by variant", figure)
-        curves = {"attention": (calibration, "attention logits multiplied by", "attention scale")}
+        curves = {  # suffix: (curve, x axis, ClearML title, plot title)
+            "attention": (
+                calibration,
+                "attention logits multiplied by",
+                "attention scale",
+                f"bicubic at {size}, trained at {native}",
+            )
+        }
         if interpolation is not None:
-            curves["interpolation"] = (interpolation, "share of the fine-tune's change kept", "fine-tune kept")
-        for suffix, (curve, xlabel, name) in curves.items():
+            curves["interpolation"] = (
+                interpolation,
+                "share of the fine-tune's change kept",
+                "fine-tune kept",
+                f"fine-tuned at {size}, trained at {native}",
+            )
+        for suffix, (curve, xlabel, name, title) in curves.items():
             figure = factor_figure(
                 list(curve["factor"]),
                 {"validation loss": list(curve["loss"]), "validation accuracy": list(curve["accuracy"])},
                 float(curve["factor"][curve["loss"].idxmin()]),
                 xlabel,
-                f"bicubic position embeddings at {size}, trained at {native}",
+                title,
             )
             figure.savefig(output_json.with_suffix(f".{suffix}.png"), dpi=120)
             tracker.figure(f"{name} on the validation split", figure)
