@@ -121,8 +121,13 @@ def lowest_loss(
         {"factor": float(factor), **split_metrics(set_factor(float(factor)), images, labels, device)}
         for factor in factors
     )
-    set_factor(float(curve["factor"][curve["loss"].idxmin()]))
+    set_factor(chosen(curve))
     return curve
+
+
+def chosen(curve: pd.DataFrame) -> float:
+    """The factor of a `lowest_loss` curve that it left set."""
+    return float(curve["factor"][curve["loss"].idxmin()])
 
 
 def calibrate_attention(
@@ -246,7 +251,7 @@ def highres(
                 tracker.scalar("fine-tune loss", f"train @ {size}", loss, step)
             metrics["finetuned"] = split_metrics(model, images, labels, device, reference_correct)
             interpolation = interpolate_finetune(model, before, valid_images, valid_labels, device)  # 6.
-            kept = float(interpolation["factor"][interpolation["loss"].idxmin()])
+            kept = chosen(interpolation)
             print(f"share of the fine-tune's change kept, chosen on the validation split: {kept:.2f}")
             metrics["finetuned_interpolated"] = split_metrics(model, images, labels, device, reference_correct)
             result_model = model
@@ -308,7 +313,7 @@ def highres(
             figure = factor_figure(
                 list(curve["factor"]),
                 {"validation loss": list(curve["loss"]), "validation accuracy": list(curve["accuracy"])},
-                float(curve["factor"][curve["loss"].idxmin()]),
+                chosen(curve),
                 xlabel,
                 title,
             )
