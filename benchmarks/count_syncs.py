@@ -2,7 +2,8 @@
 
 CUDA's sync debug mode warns at every operation that makes the host wait for the GPU. A
 training loop that synchronises every step shows a line with one warning per step; ours
-should show only what each validation and checkpoint needs.
+should show only the checkpoints' copies to the host (step losses and validations are read
+back once they have arrived).
 
     python benchmarks/count_syncs.py --data fashion.zip    # 3 epochs of vit-ti16-224, eager
 """

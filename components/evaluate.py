@@ -26,28 +26,36 @@ from components.tracking import open_task
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module, images: np.ndarray | torch.Tensor, device: torch.device, batch_size: int = 256
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    device: torch.device,
+    batch_size: int = 256,
+    to_host: bool = True,
 ) -> torch.Tensor:
-    """Logits (N, K) in float32 on the CPU for uint8 images (N, H, W, 3), on any device."""
+    """Logits (N, K) in float32 for uint8 images (N, H, W, 3), computed on ``device``: on the
+    CPU, or with ``to_host=False`` left on ``device``, where reading nothing back lets the host
+    go on without waiting for the device (the training loop's validation)."""
     model.eval()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = to_input(torch.as_tensor(images[start : start + batch_size]).to(device))
         with autocast:
-            outputs.append(model(batch).float().cpu())
-    return torch.cat(outputs)
+            outputs.append(model(batch).float())
+    logits = torch.cat(outputs)
+    return logits.cpu() if to_host else logits
 
 
 def accuracy(logits: torch.Tensor, labels: np.ndarray, k: int = 1) -> float:
     """Fraction of images whose label is among the k highest logits."""
-    return float(correct(logits, labels, k).mean())
+    return float(correct(logits, labels, k).double().mean())
 
 
-def correct(logits: torch.Tensor, labels: np.ndarray, k: int = 1) -> np.ndarray:
-    """Per image, whether its label is among the k highest logits (ties as ``topk`` breaks them)."""
+def correct(logits: torch.Tensor, labels: np.ndarray | torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Per image (bool, on the logits' device), whether its label is among the k highest logits
+    (ties as ``topk`` breaks them)."""
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return (top == torch.as_tensor(labels)[:, None]).any(dim=1).numpy()
+    return (top == torch.as_tensor(labels, device=logits.device)[:, None]).any(dim=1)
 
 
 def per_class_report(confusion: np.ndarray, classes: list[str]) -> pd.DataFrame:

@@ -72,7 +72,7 @@ def split_metrics(
 def logit_metrics(logits: torch.Tensor, labels: np.ndarray, reference: np.ndarray | None = None) -> dict:
     metrics = {"accuracy": accuracy(logits, labels), "loss": F.cross_entropy(logits, torch.from_numpy(labels)).item()}
     if reference is not None:
-        right = correct(logits, labels)
+        right = correct(logits, labels).numpy()
         gained, lost = int(np.sum(right & ~reference)), int(np.sum(~right & reference))
         metrics.update(gained=gained, lost=lost, mcnemar_p=mcnemar_p(gained, lost))
     return metrics
@@ -205,7 +205,7 @@ def highres(
         native_images, native_labels = decode_split(dataset, "test", native)
         native_logits = predict(trained.to(device), native_images, device)
         reference = logit_metrics(native_logits, native_labels)
-        reference_correct = correct(native_logits, native_labels)
+        reference_correct = correct(native_logits, native_labels).numpy()
 
         try:  # 1. as trained: the model must refuse, and say how to fix it
             trained.to(device).eval()(to_input(torch.from_numpy(images[:1]).to(device)))

@@ -5,6 +5,8 @@ mixup/cutmix, gradient clipping; on a GPU bf16 autocast and torch.compile with C
 Images are decoded once and kept on the training device; each epoch's augmentation is drawn at
 its start, seeded by (seed, epoch) so that a resumed run sees exactly the images an
 uninterrupted one would, and `components.augment` applies the draws there, a batch at a time.
+Only checkpoints make the host wait for the device: the losses it logs and the validations'
+results are read back once they have arrived, so that a GPU always has steps queued.
 
     python -m components.train --data runs/data/<version> --preset smoke --output runs/train
 """
@@ -32,7 +34,7 @@ from components.atomic import write_json
 from components.augment import Draws, augment, batch_draws, draw, epoch_batches, len_epoch, mix, on_device
 from components.data import DataError, decode_split, from_input, resolve
 from components.devices import pick_device
-from components.evaluate import accuracy, predict
+from components.evaluate import correct, predict
 from components.plots import curves_figure, image_grid_figure
 from components.presets import TrainConfig, add_override_flags, overrides_from, preset
 from components.tracking import open_task
@@ -103,10 +105,11 @@ def optimization_step(
 
 
 class DeviceScalars:
-    """Scalars computed on the device, read on the host without making it wait: `push` starts a
+    """Numbers computed on the device, read on the host without making it wait: `push` starts a
     copy to pinned memory behind an event, and `arrived` yields the values whose copies are done
-    (with what was pushed along), a few steps later. Reading a loss with ``.item()`` instead
-    would stall the host until the device caught up, and with it the queue of work ahead."""
+    (a float, or a list for a tensor of several, with what was pushed along), a few steps later.
+    Reading a loss with ``.item()`` instead would stall the host until the device caught up,
+    and with it the queue of work ahead."""
 
     def __init__(self, device: torch.device):
         self.device, self.pending = device, collections.deque()
@@ -121,12 +124,12 @@ class DeviceScalars:
         copied.record()
         self.pending.append((host, copied, along))
 
-    def arrived(self, wait: bool = False) -> Iterator[tuple[float, dict]]:
+    def arrived(self, wait: bool = False) -> Iterator[tuple[float | list[float], dict]]:
         while self.pending and (wait or self.pending[0][1] is None or self.pending[0][1].query()):
             host, copied, along = self.pending.popleft()
             if copied is not None:
                 copied.synchronize()
-            yield host.item(), along
+            yield host.tolist(), along
 
 
 class Stopwatch:
@@ -152,6 +155,46 @@ def report_step(tracker, progress: tqdm, loss: float, step: int, lr: float, imag
     tracker.scalar("learning rate", "lr", lr, step)
     tracker.scalar("throughput", "images/s", images_per_second, step)
     progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}")
+
+
+def measure_validation(
+    validated: ViT, valid_images: torch.Tensor, valid_labels: torch.Tensor, epoch_sums: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """(4,) on the device, nothing read back: the validation loss of ``validated`` and its number
+    of correct images, then the training loss and correct images summed over ``epoch_sums``
+    (epochs, 2). `record_validation` divides them once they have arrived on the host."""
+    logits = predict(validated, valid_images, valid_labels.device, batch_size, to_host=False)
+    validation = torch.stack([F.cross_entropy(logits, valid_labels), correct(logits, valid_labels).sum()])
+    return torch.cat([validation, epoch_sums.sum(0)])
+
+
+def record_validation(
+    measured: list[float],
+    divisors: tuple[int, ...],
+    epoch: int,
+    epochs: int,
+    weights: dict,
+    history: dict,
+    best: dict,
+    tracker,
+) -> str:
+    """Adds the validation after ``epoch`` (from 0), `measure_validation`'s numbers over
+    ``divisors``, to ``history`` and the tracker; ``weights``, the validated ones, become
+    ``best`` when no earlier validation was as accurate. Returns the line to print."""
+    val_loss, val_accuracy, train_loss, train_accuracy = (value / n for value, n in zip(measured, divisors))
+    if val_accuracy > max(history["val_accuracy"], default=-1.0):  # written with the next checkpoint
+        best.update(model=weights, epoch=epoch)
+    for name, value in zip(
+        ("train_loss", "train_accuracy", "val_loss", "val_accuracy"),
+        (train_loss, train_accuracy, val_loss, val_accuracy),
+    ):
+        history[name].append(value)
+        tracker.scalar(name.split("_")[1], "valid" if name.startswith("val") else "train", value, epoch + 1)
+    history["epoch"].append(epoch + 1)
+    return (
+        f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, valid loss {val_loss:.4f}, "
+        f"valid accuracy {val_accuracy:.4f}"
+    )
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
@@ -262,14 +305,13 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         average = copy.deepcopy(model).requires_grad_(False) if config.ema_decay else None
         validated = model if average is None else average
         history = {"epoch": [], "train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": []}
-        first_epoch, best_accuracy, best = 0, -1.0, {}
+        first_epoch, best = 0, {}
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             if average is not None:
                 average.load_state_dict(state["average"])
-            history, first_epoch, best_accuracy = state["history"], state["epoch"] + 1, state["best_accuracy"]
-            best = state["best"]
+            history, first_epoch, best = state["history"], state["epoch"] + 1, state["best"]
             print(f"resuming {last_path} after epoch {first_epoch}")
         forward = compiled(model, config, device)
 
@@ -280,14 +322,14 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             sample_classes = [classes[i] for i in train_labels[sample.index].tolist()]
             tracker.figure("augmented training images", image_grid_figure(sample_images, sample_classes))
 
-        valid_images = torch.from_numpy(valid_images).to(device)  # uploaded once
+        valid_images, valid_labels = (torch.from_numpy(array).to(device) for array in (valid_images, valid_labels))
         steps_per_epoch = len_epoch(len(train_images), config.batch_size)
         total_steps, step = config.epochs * steps_per_epoch, first_epoch * steps_per_epoch
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-        # Loss and correct predictions summed per epoch on the device, read at validations only.
+        # Loss and correct predictions summed per epoch on the device, read with the validations.
         epoch_sums = torch.zeros(config.epochs, 2, device=device)
-        step_losses = DeviceScalars(device)
+        step_losses, validations = DeviceScalars(device), DeviceScalars(device)
         unreported_from = first_epoch
         window_start, window_images = time.perf_counter(), 0
         saved_at, timed_from = time.monotonic(), None
@@ -317,33 +359,28 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                     window_start, window_images = time.perf_counter(), 0
                 for value, logged in step_losses.arrived():
                     report_step(tracker, progress, value, **logged)
+                for measured, along in validations.arrived():
+                    progress.write(record_validation(measured, history=history, best=best, tracker=tracker, **along))
                 stopwatch.lap("training steps")
 
             last_epoch = epoch + 1 == config.epochs
             if (epoch + 1) % config.validate_every == 0 or last_epoch:
-                loss_sum, correct = epoch_sums[unreported_from : epoch + 1].sum(0).tolist()
+                # Read back once it has arrived, on a GPU a few steps on: the host goes on queueing steps.
                 trained_steps = (epoch + 1 - unreported_from) * steps_per_epoch
-                unreported_from = epoch + 1
-                val_logits = predict(validated, valid_images, device, config.batch_size)
+                trained_sums = epoch_sums[unreported_from : epoch + 1]
+                validations.push(
+                    measure_validation(validated, valid_images, valid_labels, trained_sums, config.batch_size),
+                    divisors=(1, len(valid_labels), trained_steps, trained_steps * config.batch_size),
+                    epoch=epoch,
+                    epochs=config.epochs,
+                    weights={k: v.detach().clone() for k, v in validated.state_dict().items()},
+                )
                 model.train()
-                val_loss = F.cross_entropy(val_logits, torch.from_numpy(valid_labels)).item()
-                val_accuracy = accuracy(val_logits, valid_labels)
-                history["epoch"].append(epoch + 1)
-                history["train_loss"].append(loss_sum / trained_steps)
-                history["train_accuracy"].append(correct / (trained_steps * config.batch_size))
-                history["val_loss"].append(val_loss)
-                history["val_accuracy"].append(val_accuracy)
-                for name, series, value in (
-                    ("loss", "train", history["train_loss"][-1]),
-                    ("loss", "valid", val_loss),
-                    ("accuracy", "train", history["train_accuracy"][-1]),
-                    ("accuracy", "valid", val_accuracy),
-                ):
-                    tracker.scalar(name, series, value, epoch + 1)
-                if val_accuracy > best_accuracy:  # kept on the device; written with the next checkpoint
-                    best_accuracy = val_accuracy
-                    best = {"model": {k: v.detach().clone() for k, v in validated.state_dict().items()}, "epoch": epoch}
-                if last_epoch or time.monotonic() - saved_at >= config.checkpoint_minutes * 60:
+                unreported_from = epoch + 1
+                checkpoint_due = last_epoch or time.monotonic() - saved_at >= config.checkpoint_minutes * 60
+                for measured, along in validations.arrived(wait=checkpoint_due):  # a checkpoint holds them all
+                    progress.write(record_validation(measured, history=history, best=best, tracker=tracker, **along))
+                if checkpoint_due:
                     writer.save(
                         {
                             best_path: {**best, "config": model.config, "classes": classes},
@@ -356,17 +393,12 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                                 "epoch": epoch,
                                 "history": history,
                                 "best": best,
-                                "best_accuracy": best_accuracy,
                                 "train_config": asdict(config),
                                 "data_version": dataset.version,
                             },
                         }
                     )
                     saved_at = time.monotonic()
-                progress.write(
-                    f"epoch {epoch + 1}/{config.epochs}: train loss {history['train_loss'][-1]:.4f}, "
-                    f"valid loss {val_loss:.4f}, valid accuracy {val_accuracy:.4f}"
-                )
             stopwatch.lap("validation and checkpoints")
             if epoch == first_epoch:  # throughput is timed after the first epoch
                 timed_from = time.perf_counter()

@@ -3,6 +3,7 @@ resumed run equals an uninterrupted one."""
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
@@ -83,6 +84,53 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, 
     full, again = checkpoints.load(uninterrupted["last_checkpoint"]), checkpoints.load(resumed["last_checkpoint"])
     for weights in ("model", "average"):
         assert all(torch.equal(full[weights][key], again[weights][key]) for key in full[weights])
+
+
+def test_validations_read_back_late_keep_the_history_and_the_best_model(tmp_path, monkeypatch):
+    # On a GPU a validation's numbers reach the host some steps after it ran, while training goes
+    # on changing the weights; on this CPU they arrive at once. A busy GPU cannot exist here, so
+    # this stand-in holds each value back for three polls of the loop, as one would.
+    import components.train as training
+    from components.data import decode_split, resolve
+    from components.evaluate import predict
+
+    class BusyDevice(training.DeviceScalars):
+        late = 0  # values that arrived during later steps, not waited for
+
+        def __init__(self, device):
+            super().__init__(device)
+            self.polls, self.ready_at = 0, collections.deque()
+
+        def push(self, value, **along):
+            super().push(value, **along)
+            self.ready_at.append(self.polls + 3)
+
+        def arrived(self, wait=False):
+            self.polls += 1
+            while self.pending and (wait or self.ready_at[0] <= self.polls):
+                self.ready_at.popleft()
+                host, _, along = self.pending.popleft()
+                BusyDevice.late += not wait
+                yield host.tolist(), along
+
+    data = str(make_layout(tmp_path / "data", per_split=(32, 8, 4)))  # 12 steps an epoch at batch 8
+    settings = dict(epochs=4, batch_size=8, lr=3e-3, checkpoint_minutes=60.0)  # one checkpoint, at the end
+    at_once = train(data, "smoke", tmp_path / "at-once", **settings)
+    monkeypatch.setattr(training, "DeviceScalars", BusyDevice)
+    late = train(data, "smoke", tmp_path / "late", **settings)
+
+    assert BusyDevice.late >= 3  # the first three validations were read while the next epoch trained
+    for key in ("epochs", "train_loss", "val_loss", "val_accuracy"):
+        assert late[key] == at_once[key]
+    assert scalars(read_session(late["clearml"]), "accuracy", "valid") == pytest.approx(late["val_accuracy"])
+    # All 3 classes right from the first validation on, so no later one is more accurate: best.pt
+    # must hold the weights of epoch 1, which training had long changed when the result arrived.
+    assert late["val_accuracy"] == [1.0] * 4 and late["val_loss"][0] > 2 * late["val_loss"][-1]
+    model, best = checkpoints.load_model(late["checkpoint"])
+    assert best["epoch"] == 0
+    images, labels = decode_split(resolve(data), "valid", 32)
+    loss = torch.nn.functional.cross_entropy(predict(model, images, torch.device("cpu")), torch.from_numpy(labels))
+    assert loss.item() == pytest.approx(late["val_loss"][0], rel=1e-5)
 
 
 def test_checkpoints_are_written_in_the_background_as_they_were_when_saved(tmp_path):
