@@ -32,9 +32,9 @@ def predict(
     batch_size: int = 256,
     to_host: bool = True,
 ) -> torch.Tensor:
-    """Logits (N, K) in float32 for uint8 images (N, H, W, 3), computed on ``device``: on the
-    CPU, or with ``to_host=False`` left on ``device``, where reading nothing back lets the host
-    go on without waiting for the device (the training loop's validation)."""
+    """Logits (N, K) in float32 for uint8 images (N, H, W, 3), computed on ``device`` and
+    returned on the CPU; with ``to_host=False`` left on ``device``, so that the host goes on
+    without waiting for the device (the training loop's validation)."""
     model.eval()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     outputs = []
