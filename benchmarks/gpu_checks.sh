@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements behind benchmarks/RESULTS.md, as run on a lent H100 with no network.
 #   bash benchmarks/gpu_checks.sh attention  # the separate/fused/sdpa sweep (about 2 minutes)
-#   bash benchmarks/gpu_checks.sh speed   # training throughput, syncs per step, a profile (about 9)
-#   bash benchmarks/gpu_checks.sh breakdown  # the training step piece by piece, without and with CUDA graphs (2)
+#   bash benchmarks/gpu_checks.sh speed [FLAGS]  # training throughput, syncs per step, a profile (about 9)
+#   bash benchmarks/gpu_checks.sh breakdown [MODE ...]  # the training step piece by piece, per compile mode (1.5 each)
+# speed's FLAGS go to train_throughput.py: "--models vit-ti16 --compile-modes reduce-overhead"
+# keeps to the rows that issue 6's end-to-end target compares (about 6 minutes in all);
+# breakdown's modes are default and reduce-overhead unless named.
 #   bash benchmarks/gpu_checks.sh recipe [OVERRIDES]  # vit-ti16-224 from scratch, evaluate, highres at 384 (about 6)
 #   bash benchmarks/gpu_checks.sh ablate "--rand-augment 2" "--epochs 900" ...  # one run per override set
 #   bash benchmarks/gpu_checks.sh finetune "--finetune-steps 1000" ...  # highres variants of recipe's model (1 each)
@@ -60,8 +63,11 @@ if [ "$part" = attention ]; then
     --output-json "$OUT/attention.json"
 elif [ "$part" = speed ]; then
   small=${SMALL:+--small}
+  read -ra extra <<< "${2:-}"  # e.g. "--models vit-ti16 --compile-modes reduce-overhead"
+  # The component for 40 epochs (about 8 s timed with CUDA graphs on an H200), so that what
+  # happens once, at the end (the last validation waited for, a checkpoint), weighs little.
   step 420 "$OUT/throughput.log" python3 benchmarks/train_throughput.py --data "$DATA" $small \
-    --steps 10 --warmup 3 --repeats 3 --component-epochs 15 --output-json "$OUT/throughput.json"
+    --steps 10 --warmup 3 --repeats 3 --component-epochs 40 --output-json "$OUT/throughput.json" "${extra[@]}"
   if [ "$device" = cuda ]; then
     step 90 "$OUT/syncs.log" python3 benchmarks/count_syncs.py --data "$DATA"
   fi
@@ -70,7 +76,8 @@ elif [ "$part" = speed ]; then
 elif [ "$part" = breakdown ]; then
   # One training size, so that the rows differ only in what each adds to the step.
   small=(--train-sizes 224); [ -n "${SMALL:-}" ] && small=(--preset smoke --steps 3 --warmup 1)
-  for mode in default reduce-overhead; do
+  modes=("${@:2}"); [ ${#modes[@]} -eq 0 ] && modes=(default reduce-overhead)
+  for mode in "${modes[@]}"; do
     step 90 "$OUT/breakdown-$mode.log" python3 benchmarks/step_breakdown.py --data "$DATA" \
       --compile $mode "${small[@]}"
   done
