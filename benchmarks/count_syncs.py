@@ -2,8 +2,9 @@
 
 CUDA's sync debug mode warns at every operation that makes the host wait for the GPU. A
 training loop that synchronises every step shows a line with one warning per step; ours
-should show only the checkpoints' copies to the host (step losses and validations are read
-back once they have arrived).
+should show only the checkpoints' copies to the host and, once, the start of the throughput's
+timing after the first epoch (step losses and validations are read back once they have
+arrived).
 
     python benchmarks/count_syncs.py --data fashion.zip    # 3 epochs of vit-ti16-224, eager
 """

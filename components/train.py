@@ -5,8 +5,9 @@ mixup/cutmix, gradient clipping; on a GPU bf16 autocast and torch.compile with C
 Images are decoded once and kept on the training device; each epoch's augmentation is drawn at
 its start, seeded by (seed, epoch) so that a resumed run sees exactly the images an
 uninterrupted one would, and `components.augment` applies the draws there, a batch at a time.
-Only checkpoints make the host wait for the device: the losses it logs and the validations'
-results are read back once they have arrived, so that a GPU always has steps queued.
+Only checkpoints make the host wait for the device (and, once, the start of the throughput's
+timing): the losses it logs and the validations' results are read back once they have
+arrived, so that a GPU always has steps queued.
 
     python -m components.train --data runs/data/<version> --preset smoke --output runs/train
 """
@@ -265,9 +266,10 @@ def update_average(average: ViT, model: ViT, decay: float, step: int) -> None:
 def train(data: str, preset_name: str, output: Path, resume: bool = False, device: str = "auto", **overrides) -> dict:
     """Trains and returns ``{"checkpoint" (best.pt), "last_checkpoint", "image_size", "epochs"
     (those that ended in a validation), "train_loss" (mean since the previous validation),
-    "val_accuracy", "val_loss" (one per validation), "images_per_second" and "seconds_by_phase"
-    (of the loop, after the first epoch; checkpoints count until their tensors are on the host,
-    the files are written meanwhile), "classes", "data_version", "model_id" (with a server),
+    "val_accuracy", "val_loss" (one per validation), "images_per_second" (from the end of the
+    first epoch to the end of the last, the device idle at both) and "seconds_by_phase" (of the
+    loop, after the first epoch; checkpoints count until their tensors are on the host, the
+    files are written meanwhile), "classes", "data_version", "model_id" (with a server),
     "plots", "clearml"}``; also written to ``output/train.json``."""
     output = Path(output)
     config = preset(preset_name, **overrides)
@@ -400,7 +402,11 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
                     )
                     saved_at = time.monotonic()
             stopwatch.lap("validation and checkpoints")
-            if epoch == first_epoch:  # throughput is timed after the first epoch
+            if epoch == first_epoch:
+                # Throughput is timed after the first epoch (compilation), from an idle GPU: the
+                # steps of that epoch still queued would otherwise count as timed.
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 timed_from = time.perf_counter()
                 stopwatch.restart()
         for value, logged in step_losses.arrived(wait=True):
