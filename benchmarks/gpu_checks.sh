@@ -3,12 +3,12 @@
 #   bash benchmarks/gpu_checks.sh attention  # the separate/fused/sdpa sweep (about 2 minutes)
 #   bash benchmarks/gpu_checks.sh speed [FLAGS]  # training throughput, syncs per step, a profile (about 9)
 #   bash benchmarks/gpu_checks.sh breakdown [MODE ...]  # the training step piece by piece, per compile mode (1.5 each)
-# speed's FLAGS go to train_throughput.py: "--models vit-ti16 --compile-modes reduce-overhead"
-# keeps to the rows that issue 6's end-to-end target compares (about 6 minutes in all);
-# breakdown's modes are default and reduce-overhead unless named.
 #   bash benchmarks/gpu_checks.sh recipe [OVERRIDES]  # vit-ti16-224 from scratch, evaluate, highres at 384 (about 6)
 #   bash benchmarks/gpu_checks.sh ablate "--rand-augment 2" "--epochs 900" ...  # one run per override set
 #   bash benchmarks/gpu_checks.sh finetune "--finetune-steps 1000" ...  # highres variants of recipe's model (1 each)
+# speed's FLAGS go to train_throughput.py: "--models vit-ti16 --compile-modes reduce-overhead"
+# keeps to the rows that issue 6's end-to-end target compares (about 6 minutes in all);
+# breakdown's modes are default and reduce-overhead unless named.
 # DATA is the Fashion-MNIST stand-in archive; OUT receives the logs and JSON results.
 # DEADLINE (seconds since the epoch) cuts every step's time limit to what is left before it,
 # so that several parts run in one device call end inside the call's limit (one tarball back,
