@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements behind benchmarks/RESULTS.md, as run on a lent H100 with no network.
+# The GPU measurements behind benchmarks/RESULTS.md, for a GPU machine without network access.
+# Each part ends in under ten minutes:
 #   bash benchmarks/gpu_checks.sh attention  # the separate/fused/sdpa sweep (about 2 minutes)
 #   bash benchmarks/gpu_checks.sh speed [FLAGS]  # training throughput, syncs per step, a profile (about 9)
 #   bash benchmarks/gpu_checks.sh breakdown [MODE ...]  # the training step piece by piece, per compile mode (1.5 each)
@@ -7,16 +8,15 @@
 #   bash benchmarks/gpu_checks.sh ablate "--rand-augment 2" "--epochs 900" ...  # one run per override set
 #   bash benchmarks/gpu_checks.sh finetune "--finetune-steps 1000" ...  # highres variants of recipe's model (1 each)
 # speed's FLAGS go to train_throughput.py: "--models vit-ti16 --compile-modes reduce-overhead"
-# keeps to the rows that issue 6's end-to-end target compares (about 6 minutes in all);
+# keeps to the rows that compare the training component with its model step (about 6 minutes);
 # breakdown's modes are default and reduce-overhead unless named.
 # DATA is the Fashion-MNIST stand-in archive; OUT receives the logs and JSON results.
 # DEADLINE (seconds since the epoch) cuts every step's time limit to what is left before it,
-# so that several parts run in one device call end inside the call's limit (one tarball back,
-# since a call returns at most 8 files):
+# so that several parts run back to back end by a given time:
 #   export DEADLINE=$(( $(date +%s) + 540 )); for part in recipe speed; do
-#     OUT=/tmp/o/$part bash benchmarks/gpu_checks.sh $part; done; tar czf $OUT/gpu.tgz -C /tmp/o .
+#     OUT=/tmp/o/$part bash benchmarks/gpu_checks.sh $part; done
 # SMALL=1 runs the same commands with tiny settings (a dry run on a CPU).
-# A machine without clearml and albumentations gets them from wheels in .whl/ (for its Python):
+# A machine without clearml and albumentations installs them from wheels in .whl/ (for its Python):
 # clearml, albumentations, albucore, furl, orderedmultidict, pathlib2, pyjwt, jsonschema,
 # jsonschema-specifications, referencing, rpds-py, stringzilla, simsimd, pydantic,
 # pydantic-core, annotated-types, typing-inspection (pip download --no-deps --only-binary=:all:).
@@ -27,7 +27,7 @@ DATA=${DATA:-.device-data/fashion.zip}
 OUT=${OUT:-runs/gpu-checks}
 mkdir -p "$OUT"
 export CLEARML_OFFLINE_MODE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15 HEADGEAR_DATA_STORE=/tmp/headgear-store
-if [ -d .whl ] && [ -z "${SMALL:-}" ] && [ ! -d /tmp/site ]; then  # packages the GPU image lacks, carried as wheels
+if [ -d .whl ] && [ -z "${SMALL:-}" ] && [ ! -d /tmp/site ]; then  # packages the machine lacks, from wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 fi
@@ -39,8 +39,8 @@ limit() {  # limit SECONDS: SECONDS, or less where DEADLINE comes sooner
 }
 
 step() {  # step SECONDS LOG COMMAND...: COMMAND within its time limit, its output into the file LOG, then shown
-  # A file, not a pipe: a process the command leaves behind (a compile worker, say) cannot
-  # hold a pipe open and the script with it, which cost the first such run its results.
+  # A file, not a pipe: a process the command leaves behind (a compile worker, say) would hold
+  # a pipe open and the script with it, past every time limit and without its results.
   local seconds=$1 log=$2 status
   shift 2
   timeout -k 10 "$(limit "$seconds")" "$@" > "$log" 2>&1
@@ -96,8 +96,8 @@ elif [ "$part" = recipe ]; then
     --image-size $size --output-json $run/eval/highres.json
   cp $run/curves.png $run/eval/evaluate.json $run/eval/highres.json $run/eval/highres.*.png "$OUT/"
 elif [ "$part" = finetune ]; then
-  # Each argument is one set of highres flags, run on the model `recipe` trained earlier in the
-  # same call: fine-tunes compared on one checkpoint, one line each in finetune.tsv.
+  # Each argument is one set of highres flags, run on the model `recipe` trained earlier on the
+  # same machine: fine-tunes compared on one checkpoint, one line each in finetune.tsv.
   shift
   size=384; [ -n "${SMALL:-}" ] && size=56
   printf 'flags\ttest_accuracy_bicubic\ttest_accuracy_finetuned\ttest_loss_finetuned\tfinetune_kept' > "$OUT/finetune.tsv"
