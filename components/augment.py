@@ -12,12 +12,11 @@ in one go (about 100 bytes an image); `augment` then applies a batch's draws to 
 2. the random-resized crop and the horizontal flip in one affine warp per image;
 3. random erasing (then, in `components.train`, mixup/cutmix: `mix`).
 
-Why on the device: sending 38 MB of augmented pixels a batch from loader processes through
-shared and pinned memory to the GPU held an H100 at 11,200 images/s, below the 14,600 of the
-model's own training step. Why an epoch at a time: drawn image by image, the draws took
-loader processes, and the training loop still spent about 1.2 ms a step (8%) waiting for
-their batches on an H200; drawn as arrays, an epoch of 3,600 images takes about 2 ms of one
-CPU core.
+Why on the device: loader processes sending augmented pixels to the GPU could not keep up
+with the model's own training step. Why an epoch at a time: drawn image by image, the draws
+needed loader processes and the training loop still waited for their batches; drawn as
+arrays, an epoch's draws cost a few milliseconds of one CPU core (benchmarks/RESULTS.md,
+"Augmentation on the device").
 The pixel operations run before the geometric ones (RandAugment draws their order at random; a
 fixed order changes little and lets the warps run together). Nothing here synchronises the
 host with the device.
@@ -197,9 +196,9 @@ def augment(images: torch.Tensor, draws: Draws, compiled: bool = False, size: in
     traffic and 0-255 is exact in half precision; in float32 on a CPU, which is slow at half.
     Without them the warp reads the uint8 batch itself. ``compiled``: the warp and erasing
     through torch.compile, which fuses their dozen passes over the batch, the conversion from
-    uint8 included, into a few kernels (on an H100 the eager augmentation took 2.1 ms a batch
-    of 256, 15% of a step with CUDA graphs); the pixel operations stay eager, their group
-    sizes change every batch."""
+    uint8 included, into a few kernels (eager, they are a visible share of a step with CUDA
+    graphs: benchmarks/RESULTS.md, "Augmentation on the device"); the pixel operations stay
+    eager, their group sizes change every batch."""
     batch = images.index_select(0, draws.index).permute(0, 3, 1, 2)
     if draws.group_sizes:  # RandAugment is on
         dtype = torch.float16 if images.device.type == "cuda" else torch.float32

@@ -21,8 +21,8 @@ def save_atomic(payload: dict, path: Path) -> Path:
 
 class CheckpointWriter:
     """Writes checkpoints from a background thread, so that training goes on while the files
-    are written (on this machine about 0.3 s for a ViT-Ti's best.pt and last.pt, during which a
-    GPU would otherwise idle): `save` copies the tensors to the host, the one wait for the
+    are written, where a GPU would otherwise idle (benchmarks/RESULTS.md, "Training
+    throughput"): `save` copies the tensors to the host, the one wait for the
     device, and returns; `wait` returns once the last write is done, raising its error if it
     failed. One write at a time, each atomic (`save_atomic`)."""
 

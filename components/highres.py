@@ -8,8 +8,8 @@ Side by side on the test split, with the images resized to the new size:
 4. bicubic, and the attention logits multiplied by the factor (1 to 2, or 1 to 1/2 when the
    size shrinks) that gives the lowest loss on the validation split at the new size: with
    577 tokens instead of 197 a briefly trained model does better with sharper attention
-   than it was trained with, a well-trained one about 1 (benchmarks/RESULTS.md); no
-   gradient step, one number chosen;
+   than it was trained with, a well-trained one about 1 (benchmarks/RESULTS.md, "384 with
+   and without a fine-tune"); no gradient step, one number chosen;
 5. bicubic and then fine-tuned at the new size for a short schedule, as the paper does
    (SGD with momentum 0.9, gradient clipping, cosine decay; ``--finetune-steps 0`` skips it),
    on whole training images and flips: the training run's random-resized crops show objects
@@ -18,9 +18,8 @@ Side by side on the test split, with the images resized to the new size:
 6. the fine-tuned weights interpolated back toward the bicubic ones, keeping the share of the
    fine-tune's change (0, 1/4, ..., 1) that gives the lowest loss on the validation split
    (WiSE-FT, Wortsman et al. 2022): a short fine-tune on a few thousand images also fits them
-   a little too closely, and part of the way back keeps what the long training run learned (on
-   the H200 checkpoint of benchmarks/RESULTS.md: three quarters kept, a lower test loss in each
-   of four fine-tunes and 0.3 points more accuracy on average). This model is the one saved;
+   a little too closely, and part of the way back keeps what the long training run learned
+   (benchmarks/RESULTS.md, "WiSE-FT"). This model is the one saved;
 
 and the accuracy at the training size as the reference row. Each variant's row also counts the
 test images it gets right that the reference got wrong and the reverse, with McNemar's exact

@@ -98,10 +98,9 @@ PRESETS: dict[str, TrainConfig] = {
     # ViT-Ti/16 at 224 after the paper and DeiT, for a GPU: AdamW with warm-up and cosine decay,
     # label smoothing, stochastic depth, random erasing, mixup and cutmix, and a long schedule,
     # which a small data set needs and a GPU makes cheap (3,600 images an epoch). No RandAugment:
-    # with it the model lost 7.8 points at 384 instead of 4.0 and was no better at 224. Training
-    # at 160, 224 and 288 (patch grids 10, 14, 18) keeps it accurate at 384 without a fine-tune:
-    # on an H200 it lost 0.6 and 2.0 points there where one size had lost 4.0, at 89.6% and 89.0%
-    # at 224, trained in 249 and 251 s (benchmarks/RESULTS.md).
+    # it cost accuracy at 384 and gained none at 224. Training at 160, 224 and 288 (patch grids
+    # 10, 14, 18) keeps the model accurate at 384 without a fine-tune (benchmarks/RESULTS.md,
+    # "The recipe at 224" and "How we got here").
     "vit-ti16-224": TrainConfig(
         model="vit-ti16",
         image_size=224,

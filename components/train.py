@@ -66,8 +66,8 @@ def compile_mode(config: TrainConfig, device: torch.device) -> str:
     """``config.compile``, with ``auto`` resolved: torch.compile with CUDA graphs on a GPU, eager
     on a CPU. CUDA graphs because at these model sizes the host, not the GPU, sets the pace: a
     compiled ViT-Ti step still launches some hundred kernels and library calls one by one from
-    Python (23.6 ms a step on an H100), and replaying them as one graph cuts the step to 14.6 ms
-    (`benchmarks/step_breakdown.py`, benchmarks/RESULTS.md)."""
+    Python, and replaying them as one graph is much faster (`benchmarks/step_breakdown.py`;
+    benchmarks/RESULTS.md, "CUDA graphs")."""
     mode = ("reduce-overhead" if device.type == "cuda" else "off") if config.compile == "auto" else config.compile
     if mode not in COMPILE_MODES:
         raise ValueError(f"--compile {config.compile!r}: choose auto or one of {', '.join(COMPILE_MODES)}")
@@ -227,8 +227,7 @@ def training_sizes(config: TrainConfig) -> tuple[int, ...]:
     """The image sizes a training step draws from: ``config.train_sizes`` ("160,224,288"), or
     ``image_size`` alone when it is empty. Training at sizes around the model's own, with the
     position embeddings interpolated to each, is what keeps a model accurate at 384 without a
-    fine-tune (on the CPU proxy of benchmarks/RESULTS.md: 0.4 points lost and 2.0 gained on two
-    seeds, where the same model trained at one size lost 4.2 and 3.0)."""
+    fine-tune (benchmarks/RESULTS.md, "Three training sizes")."""
     patch_size = _architecture(config)["patch_size"]
     example = ",".join(str(config.image_size * scale // 7 // patch_size * patch_size) for scale in (5, 7, 9))
     try:

@@ -66,9 +66,9 @@ class PatchEmbedder(nn.Module):
     (N, C, H, W) -> (N, (H/p)(W/p), C p p) -> (N, (H/p)(W/p), D)
 
     A reshape and one matrix product is the same function as a stride-p convolution (timm's
-    form; E is its weight flattened). It was chosen for a GPU: cuDNN's layout conversions and
-    implicit GEMM for that convolution took about a tenth of an H100's time training ViT-Ti/16,
-    and with this form our training step overtook timm's by 5-10% (benchmarks/RESULTS.md).
+    form; E is its weight flattened). It was chosen for a GPU, where cuDNN's layout conversions
+    and implicit GEMM for that convolution cost more than the matrix product
+    (benchmarks/RESULTS.md, "Linear patch embedding").
     """
 
     def __init__(self, patch_size: int, in_channels: int, embed_dim: int):
