@@ -65,17 +65,28 @@ def _on_host(value):
 
 def local_copy(reference: str | Path) -> Path:
     """A checkpoint file: ``reference`` itself, or with a ClearML server, the local copy of
-    the registered model of that id."""
+    the registered model of that id, connected to the running task as its input model (the
+    model's lineage in the web UI)."""
     path = Path(reference)
     if path.is_file():
         return path
     from components.tracking import server_configured
 
-    if server_configured():
-        from clearml import InputModel
+    if not server_configured():
+        raise FileNotFoundError(f"no checkpoint at {path}; pass the .pt file that train wrote (see its train.json)")
+    from clearml import InputModel, Task
 
-        return Path(InputModel(model_id=str(reference)).get_local_copy())
-    raise FileNotFoundError(f"no checkpoint at {path}; pass the .pt file that train wrote (see its train.json)")
+    try:
+        model = InputModel(model_id=str(reference))
+        if Task.current_task() is not None:
+            model.connect(Task.current_task(), name="checkpoint")
+        return Path(model.get_local_copy(raise_on_error=True))
+    except ValueError as error:
+        raise FileNotFoundError(
+            f"no checkpoint at {path} and no ClearML model {reference} could be downloaded ({error}); pass a "
+            f"checkpoint file or the id of a model that train registered with its weights uploaded "
+            f"(the pipeline's --output-uri)"
+        ) from None
 
 
 def load(reference: str | Path) -> dict:
