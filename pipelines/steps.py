@@ -10,7 +10,8 @@ process per step:
 
     python -m pipelines.steps STEP KWARGS.json RESULT.json
 
-A step returns a tuple in the order of its ``returns`` in ``pipelines/run_pipeline.py``.
+A step returns its ``returns`` in ``pipelines/run_pipeline.py``: a tuple in that order, or the
+one value itself (ClearML's script stores a returned tuple whole when one name is declared).
 Numbers are cast on the way in: pipeline parameters reach an agent's step as strings.
 ``output`` is keyword-only, so ClearML does not make it a step parameter: on an agent each step
 writes into ``outputs/`` of its own clone; the local runner passes the run folder.
@@ -55,7 +56,7 @@ def evaluate_step(checkpoint: str, data: str, *, output: str = "outputs"):
 
     result = upload_plots(evaluate(checkpoint, data, Path(output) / "evaluate" / "evaluate.json"))
     report_results("results", {"test accuracy @ training size": result["test_accuracy"]})
-    return (result,)
+    return result
 
 
 def highres_step(checkpoint: str, data: str, image_size: int, finetune_steps: int, *, output: str = "outputs"):
@@ -76,7 +77,7 @@ def highres_step(checkpoint: str, data: str, image_size: int, finetune_steps: in
             "test accuracy @ high res, fine-tuned": result["test_accuracy_finetuned"],
         },
     )
-    return (result,)
+    return result
 
 
 def benchmark_step(sweep: str, *, output: str = "outputs"):
@@ -99,7 +100,7 @@ def benchmark_step(sweep: str, *, output: str = "outputs"):
             series = f"best speed-up of {row['impl']} over separate QKV"
             best[series] = max(best.get(series, 0.0), row["speedup_vs_separate"])
     report_results("results", best)
-    return (result,)
+    return result
 
 
 def summary_step(
@@ -130,7 +131,7 @@ def summary_step(
     }
     if mode == "server":  # the plots were written in the other steps' containers
         steps = {name: download_plots(result, Path(output) / "plots" / name) for name, result in steps.items()}
-    return (write_summary(mode, preset, steps, Path(output)),)
+    return write_summary(mode, preset, steps, Path(output))
 
 
 def main() -> None:
@@ -143,7 +144,7 @@ def main() -> None:
     name, kwargs_path, result_path = sys.argv[1:4]
     step = globals()[name]
     returned = step(**json.loads(Path(kwargs_path).read_text()))
-    write_json(list(returned), Path(result_path))
+    write_json(list(returned) if isinstance(returned, tuple) else [returned], Path(result_path))
 
 
 if __name__ == "__main__":

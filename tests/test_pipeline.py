@@ -307,7 +307,7 @@ def test_steps_take_parameters_as_an_agent_passes_them(tmp_path):
     fetched_data, fetched = steps.fetch_data_step(str(data), output=str(tmp_path / "run"))
     checkpoint, trained = steps.train_step(fetched_data, "smoke", "1", "3", output=str(tmp_path / "run"))
     assert len(trained["train_loss"]) == 1 and Path(checkpoint).is_file()
-    (result,) = steps.highres_step(checkpoint, fetched_data, "48", "2", output=str(tmp_path / "run"))
+    result = steps.highres_step(checkpoint, fetched_data, "48", "2", output=str(tmp_path / "run"))
     assert result["image_size"] == 48 and len(result["finetune_losses"]) == 2
 
 
