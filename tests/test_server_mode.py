@@ -354,7 +354,9 @@ def test_a_model_that_cannot_be_downloaded_is_a_clear_error(monkeypatch, tmp_pat
 
 
 @pytest.mark.skipif(
-    not (os.environ.get("CLEARML_API_HOST_FOR_TESTS") and os.environ.get("CLEARML_API_ACCESS_KEY")),
+    not all(
+        os.environ.get(k) for k in ("CLEARML_API_HOST_FOR_TESTS", "CLEARML_API_ACCESS_KEY", "CLEARML_API_SECRET_KEY")
+    ),
     reason="needs a real ClearML server with an agent on the queue: set CLEARML_API_HOST_FOR_TESTS, "
     "CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY (tests force ClearML offline otherwise)",
 )
