@@ -6,11 +6,14 @@
                   all ──► summary                      (summary.json, report.html)
 
 Server mode (ClearML configured): a ``PipelineController`` whose steps are tasks enqueued on
-``--queue`` in the Docker image of ``docker/``, run by ``clearml-agent daemon --queue gpu
---docker IMAGE``. Local mode (no server, or ``--local``): the same steps, one child process
-each in DAG order, each an offline ClearML task, everything in one run folder.
+``--queue`` (``--cpu-queue`` for the steps without a GPU) in the Docker image of ``docker/``,
+run by ``clearml-agent daemon --queue gpu --docker IMAGE``; the steps hand each other ClearML
+ids (Dataset, model, artifacts), never paths. ``--dry-run DIR`` builds it offline and writes
+what each agent will run. Local mode (no server, or ``--local``): the same steps, one child
+process each in DAG order, each an offline ClearML task, everything in one run folder.
 
     python pipelines/run_pipeline.py --data kaggle --preset vit-ti16-224
+    python pipelines/run_pipeline.py --dry-run runs/dry --data kaggle
     python pipelines/run_pipeline.py --data archive.zip --preset smoke --output runs/smoke --local
 """
 
