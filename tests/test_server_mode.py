@@ -333,6 +333,41 @@ def test_the_results_and_the_report_are_kept_on_the_server(agent_run):
     assert json.loads(summary["summary.json"][0])["mode"] == "server"
 
 
+def test_a_local_data_archive_becomes_a_dataset_before_the_pipeline_starts(monkeypatch, tmp_path):
+    # The agents cannot read this machine's disk: run_pipeline registers a local --data and hands
+    # the steps the Dataset id. No server here: clearml.Dataset is an in-memory registry.
+    from clearml import Dataset
+
+    from pipelines.run_pipeline import upload_local_data
+    from tests.conftest import zip_folder
+
+    registered = []
+
+    class Registered:
+        id = "dataset-uploaded"
+
+        def sync_folder(self, local_path):
+            self.files = sorted(p.relative_to(local_path).as_posix() for p in Path(local_path).rglob("*.jpg"))
+
+        def upload(self, show_progress=True):
+            pass
+
+        def finalize(self):
+            registered.append(self)
+
+    def create(dataset_name, dataset_project, dataset_tags, parent_datasets):
+        return Registered()
+
+    def list_datasets(dataset_project, tags, only_completed):
+        return [{"id": d.id} for d in registered]
+
+    monkeypatch.setattr(Dataset, "create", staticmethod(create))
+    monkeypatch.setattr(Dataset, "list_datasets", staticmethod(list_datasets))
+    archive = zip_folder(make_layout(tmp_path / "data", per_split=(4, 2, 2)), tmp_path / "headgear.zip")
+    assert upload_local_data(str(archive)) == upload_local_data(str(archive)) == "dataset-uploaded"
+    assert len(registered) == 1 and len(registered[0].files) == (4 + 2 + 2) * len(CLASSES)
+
+
 def test_a_model_that_cannot_be_downloaded_is_a_clear_error(monkeypatch, tmp_path):
     # With a server, a model id resolves through InputModel; one that fails is said so, not a None path.
     import clearml
