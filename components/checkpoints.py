@@ -3,6 +3,7 @@ atomically and read back with ``torch.load(..., weights_only=True)``."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 
@@ -71,11 +72,28 @@ def local_copy(reference: str | Path) -> Path:
         return path
     from components.tracking import server_configured
 
-    if server_configured():
-        from clearml import InputModel
+    if not server_configured():
+        raise FileNotFoundError(f"no checkpoint at {path}; pass the .pt file that train wrote (see its train.json)")
+    return _registered_model(str(reference))
 
-        return Path(InputModel(model_id=str(reference)).get_local_copy())
-    raise FileNotFoundError(f"no checkpoint at {path}; pass the .pt file that train wrote (see its train.json)")
+
+@functools.cache
+def _registered_model(model_id: str) -> Path:
+    """The weights of a registered model, downloaded once per process and connected to the
+    running task as its input model (the model's lineage in the web UI)."""
+    from clearml import InputModel, Task
+
+    try:
+        model = InputModel(model_id=model_id)
+        if Task.current_task() is not None:
+            model.connect(Task.current_task(), name="checkpoint")
+        return Path(model.get_local_copy(raise_on_error=True))
+    except ValueError as error:
+        raise FileNotFoundError(
+            f"no checkpoint at {model_id} and no ClearML model {model_id} could be downloaded ({error}); pass a "
+            f"checkpoint file or the id of a model that train registered with its weights uploaded "
+            f"(the pipeline's --output-uri)"
+        ) from None
 
 
 def load(reference: str | Path) -> dict:

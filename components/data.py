@@ -260,7 +260,14 @@ def resolve(source: str, store: Path | None = None, strict: bool = False) -> Dat
     if server_configured():
         from clearml import Dataset
 
-        return prepare(Path(Dataset.get(dataset_id=source).get_local_copy()), store or default_store(), strict)
+        try:
+            local = Dataset.get(dataset_id=source).get_local_copy()
+        except ValueError as error:
+            raise DataError(
+                f"data source {source!r} is neither a file or folder here nor a ClearML Dataset id the server "
+                f"knows ({error}); pass a zip, a folder in the headgear layout or a Dataset id"
+            ) from None
+        return prepare(Path(local), store or default_store(), strict)
     raise DataError(
         f"data source {source!r} is not a file or folder here; pass a zip or a folder in the headgear "
         f"layout (or, with a ClearML server configured, a ClearML Dataset id)"

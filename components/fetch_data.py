@@ -60,17 +60,24 @@ def download_from_kaggle(target: Path) -> Path:
     return archives[0]
 
 
-def register_dataset(data: DataVersion) -> str:
+def register_dataset(data: DataVersion, parent: str | None = None) -> str:
     """The id of the ClearML Dataset holding this version, created only if no dataset with
-    the same content hash exists."""
+    the same content hash exists. ``parent``: the id of the ClearML Dataset the version was
+    prepared from, recorded as its parent (the lineage in the web UI); the new version holds
+    exactly the prepared files, whatever the parent had."""
     from clearml import Dataset
 
     tags = [f"sha:{data.version}"]
     existing = Dataset.list_datasets(dataset_project=DATASET_PROJECT, tags=tags, only_completed=True)
     if existing:
         return existing[0]["id"]
-    dataset = Dataset.create(dataset_name="headgear", dataset_project=DATASET_PROJECT, dataset_tags=tags)
-    dataset.add_files(str(data.root))
+    dataset = Dataset.create(
+        dataset_name="headgear",
+        dataset_project=DATASET_PROJECT,
+        dataset_tags=tags,
+        parent_datasets=[parent] if parent else None,
+    )
+    dataset.sync_folder(local_path=str(data.root))
     dataset.upload(show_progress=True)
     dataset.finalize()
     return dataset.id
@@ -93,7 +100,8 @@ def fetch_data(source: str, output: Path, strict: bool = False) -> dict:
         tracker.table("class counts", pd.DataFrame(manifest["per_class"]).rename_axis("class").reset_index())
         tracker.figure("class counts", class_counts_figure(manifest["per_class"]))
         tracker.artifact("manifest", manifest)
-        dataset_id = None if tracker.offline else register_dataset(data)
+        from_dataset = params["source"] if params["source"] != "kaggle" and not Path(local).exists() else None
+        dataset_id = None if tracker.offline else register_dataset(data, parent=from_dataset)
         result = {
             "source": source,
             "version": data.version,

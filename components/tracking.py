@@ -9,6 +9,10 @@ Two modes, chosen once per process:
   The task is written as an offline session; on close its zip is moved next to the
   component's outputs, ready for ``clearml-task --import-offline-session ZIP``.
 
+A component run as a pipeline step on an agent finds its task already running (the step's
+generated script made it): it reports into that task and leaves it open, because the
+script still has to upload the step's return values into it.
+
 Secrets never pass through here: parameters are the component's own settings, and
 credentials are read from the environment by the libraries that need them.
 """
@@ -64,8 +68,14 @@ def check_server(timeout_s: float = PING_TIMEOUT_S) -> str:
     try:
         requests.get(f"{host}/debug.ping", timeout=timeout_s).raise_for_status()
     except requests.RequestException as error:
+        if isinstance(error, requests.Timeout):
+            what = f"did not answer within {timeout_s:g} s"
+        elif isinstance(error, requests.ConnectionError):
+            what = "refused the connection (nothing listens there)"
+        else:
+            what = f"answered with an error ({error})"
         raise TrackingError(
-            f"the ClearML server at {host} did not answer within {timeout_s:.0f} s ({type(error).__name__}). "
+            f"the ClearML server at {host} {what}. "
             f"Start it or fix CLEARML_API_HOST / {config_file()}, or run without a server: "
             f"pass --local to the pipeline or set CLEARML_OFFLINE_MODE=1"
         ) from None
@@ -83,8 +93,9 @@ def child_environment(**overrides: str) -> dict[str, str]:
 class Tracker:
     """A thin face over one ClearML task, the same online and offline."""
 
-    def __init__(self, task, offline: bool, output_dir: Path):
+    def __init__(self, task, offline: bool, output_dir: Path, reused: bool = False):
         self.task, self.offline, self.output_dir = task, offline, output_dir
+        self.reused = reused  # the task was already running (a pipeline step): it stays open after the block
         self.logger = task.get_logger()
         self.session: str = task.id  # becomes the offline session's zip path on close
 
@@ -112,24 +123,42 @@ class Tracker:
 
     def model(self, path: Path, name: str, config: dict) -> str | None:
         """Registers weights: an ``OutputModel`` with a server (returns its id, which later
-        steps resolve to a local copy); offline, where ``OutputModel`` crashes, an artifact."""
+        steps resolve to a local copy), its labels those the checkpoint was trained on, its
+        weights uploaded to the task's output destination; offline, where ``OutputModel``
+        crashes, an artifact."""
         if self.offline:
             self.artifact(name, path)
             return None
+        import torch
         from clearml import OutputModel
 
-        output = OutputModel(task=self.task, name=name, config_dict=config, framework="PyTorch")
+        classes = torch.load(path, map_location="cpu", weights_only=True).get("classes") or []
+        output = OutputModel(
+            task=self.task,
+            name=name,
+            config_dict=config,
+            framework="PyTorch",
+            label_enumeration={label: index for index, label in enumerate(classes)},
+        )
         output.update_weights(weights_filename=str(path), auto_delete_file=False)
         return output.id
 
 
 @contextmanager
 def open_task(component: str, task_type: str, output_dir: Path, title: str = "") -> Iterator[Tracker]:
-    """A ClearML task for one run of ``component``, named ``title`` (default: the component);
-    closed when the block ends, also with an error. Offline, the session's zip is kept as
+    """A ClearML task for one run of ``component``, named ``title`` (default: the component).
+    If a task is already running in this process (a pipeline step on an agent, whose script
+    made it), that one, left open; otherwise a new one, closed when the block ends, also with
+    an error. Offline, a new task's session zip is kept as
     ``output_dir/<component>.clearml-offline.zip``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     offline = not server_configured()
+    from clearml import Task
+
+    running = Task.current_task()
+    if running is not None:
+        yield Tracker(running, offline, output_dir, reused=True)
+        return
     if offline and "CLEARML_CONFIG_FILE" not in os.environ:
         # The reporter's sub-process waits 10 s per close for a server offline; threads do not.
         os.environ["CLEARML_CONFIG_FILE"] = str(OFFLINE_CONFIG)
@@ -139,7 +168,6 @@ def open_task(component: str, task_type: str, output_dir: Path, title: str = "")
         # ClearML's repository detection imports IPython in a thread; matplotlib, drawing in this
         # thread meanwhile, trips over the half-imported module. Import it whole first.
         import IPython  # noqa: F401
-    from clearml import Task
 
     Task.set_offline(offline)
     task = Task.init(
@@ -162,6 +190,61 @@ def open_task(component: str, task_type: str, output_dir: Path, title: str = "")
             signal.signal(signal.SIGTERM, previous)
         if offline:
             tracker.session = str(_keep_offline_session(task.id, output_dir, component))
+
+
+def report_results(title: str, values: dict[str, float | None]) -> None:
+    """Reports each number of ``values`` (None: not measured) as a scalar of the running task,
+    if one is (a pipeline step): what the pipeline page monitors."""
+    from clearml import Task
+
+    task = Task.current_task()
+    if task is None:
+        return
+    for series, value in values.items():
+        if value is not None:
+            task.get_logger().report_scalar(title, series, value=float(value), iteration=0)
+
+
+def _plot_path(entry) -> Path:
+    return Path(entry["path"] if isinstance(entry, dict) else entry)
+
+
+def _plot_artifact(entry) -> str:
+    return f"plot {_plot_path(entry).name}"
+
+
+def upload_plots(result: dict) -> dict:
+    """In a pipeline step with a server: uploads each of ``result["plots"]`` as an artifact of
+    the running task, for the summary step, which runs in another container, to fetch with
+    ``download_plots``. Returns ``result``."""
+    from clearml import Task
+
+    task = Task.current_task()
+    if task is not None and server_configured():
+        for entry in result.get("plots", []):
+            task.upload_artifact(_plot_artifact(entry), artifact_object=_plot_path(entry), wait_on_upload=True)
+    return result
+
+
+def download_plots(result: dict, folder: Path) -> dict:
+    """``result`` with its plots replaced by local copies (in ``folder``) of the artifacts that
+    ``upload_plots`` stored on the step's task, ``result["clearml"]``."""
+    from clearml import Task
+
+    plots = result.get("plots", [])
+    if not plots:
+        return result
+    artifacts = Task.get_task(task_id=result["clearml"]).artifacts
+    local = []
+    for entry in plots:
+        name = _plot_artifact(entry)
+        if name not in artifacts:
+            raise TrackingError(f"task {result['clearml']} has no artifact {name!r}: its step did not upload its plots")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / _plot_path(entry).name
+        shutil.copyfile(artifacts[name].get_local_copy(raise_on_error=True), path)
+        local.append({**entry, "path": str(path)} if isinstance(entry, dict) else str(path))
+    return {**result, "plots": local}
 
 
 def _exit_on_sigterm():

@@ -6,11 +6,14 @@
                   all ──► summary                      (summary.json, report.html)
 
 Server mode (ClearML configured): a ``PipelineController`` whose steps are tasks enqueued on
-``--queue`` in the Docker image of ``docker/``, run by ``clearml-agent daemon --queue gpu
---docker IMAGE``. Local mode (no server, or ``--local``): the same steps, one child process
-each in DAG order, each an offline ClearML task, everything in one run folder.
+``--queue`` (``--cpu-queue`` for the steps without a GPU) in the Docker image of ``docker/``,
+run by ``clearml-agent daemon --queue gpu --docker IMAGE``; the steps hand each other ClearML
+ids (Dataset, model, artifacts), never paths. ``--dry-run DIR`` builds it offline and writes
+what each agent will run. Local mode (no server, or ``--local``): the same steps, one child
+process each in DAG order, each an offline ClearML task, everything in one run folder.
 
     python pipelines/run_pipeline.py --data kaggle --preset vit-ti16-224
+    python pipelines/run_pipeline.py --dry-run runs/dry --data kaggle
     python pipelines/run_pipeline.py --data archive.zip --preset smoke --output runs/smoke --local
 """
 
@@ -33,7 +36,7 @@ sys.path.insert(0, str(REPO))  # run as a script: make `components`, `model`, `p
 
 from components.presets import PRESETS  # noqa: E402
 from components.tracking import PROJECT, TrackingError, check_server, child_environment, server_configured  # noqa: E402
-from model import MODEL_PRESETS  # noqa: E402
+from model import ATTENTION_IMPLEMENTATIONS, MODEL_PRESETS  # noqa: E402
 from pipelines import steps  # noqa: E402
 
 DEFAULT_IMAGE = "headgear-vit:latest"
@@ -45,12 +48,20 @@ class Step:
     kwargs: dict  # plain values, "${pipeline.NAME}" parameters, or "${STEP.RETURN}" outputs of earlier steps
     returns: tuple[str, ...]
     parents: tuple[str, ...] = ()
+    task_type: str = "custom"  # ClearML's task type, shown and filtered on in the web UI
+    gpu: bool = True  # False: enqueued on --cpu-queue
+    monitor_metrics: tuple[tuple[str, str], ...] = ()  # shown on the pipeline's own page
+    monitor_models: tuple[str, ...] = ()
 
 
-OUT = "${pipeline.output}"
+RESULTS = "results"  # the title of the scalars the steps report for the pipeline page (pipelines/steps.py)
 DAG: dict[str, Step] = {
     "fetch_data": Step(
-        steps.fetch_data_step, {"source": "${pipeline.data}", "output": OUT}, returns=("data", "result")
+        steps.fetch_data_step,
+        {"source": "${pipeline.data}"},
+        returns=("data", "result"),
+        task_type="data_processing",
+        gpu=False,
     ),
     "train": Step(
         steps.train_step,
@@ -59,16 +70,19 @@ DAG: dict[str, Step] = {
             "preset": "${pipeline.preset}",
             "epochs": "${pipeline.epochs}",
             "seed": "${pipeline.seed}",
-            "output": OUT,
         },
         returns=("checkpoint", "result"),
         parents=("fetch_data",),
+        task_type="training",
+        monitor_models=("*",),
     ),
     "evaluate": Step(
         steps.evaluate_step,
-        {"checkpoint": "${train.checkpoint}", "data": "${fetch_data.data}", "output": OUT},
+        {"checkpoint": "${train.checkpoint}", "data": "${fetch_data.data}"},
         returns=("result",),
         parents=("fetch_data", "train"),
+        task_type="testing",
+        monitor_metrics=((RESULTS, "test accuracy @ training size"),),
     ),
     "highres": Step(
         steps.highres_step,
@@ -77,30 +91,43 @@ DAG: dict[str, Step] = {
             "data": "${fetch_data.data}",
             "image_size": "${pipeline.highres_size}",
             "finetune_steps": "${pipeline.finetune_steps}",
-            "output": OUT,
         },
         returns=("result",),
         parents=("fetch_data", "train"),
+        task_type="testing",
+        monitor_metrics=(
+            (RESULTS, "test accuracy @ high res, bicubic"),
+            (RESULTS, "test accuracy @ high res, fine-tuned"),
+        ),
+        monitor_models=("*",),
     ),
     "benchmark_attention": Step(
-        steps.benchmark_step, {"mode": "${pipeline.benchmark}", "output": OUT}, returns=("result",)
+        steps.benchmark_step,
+        {"sweep": "${pipeline.benchmark}"},
+        returns=("result",),
+        task_type="qc",
+        monitor_metrics=tuple(
+            (RESULTS, f"best speed-up of {impl} over separate QKV") for impl in ATTENTION_IMPLEMENTATIONS[1:]
+        ),
     ),
     "summary": Step(
         steps.summary_step,
         {
-            "mode": "${pipeline.mode}",
             "preset": "${pipeline.preset}",
             "fetched": "${fetch_data.result}",
             "trained": "${train.result}",
             "evaluated": "${evaluate.result}",
             "highres": "${highres.result}",
             "benchmark": "${benchmark_attention.result}",
-            "output": OUT,
         },
         returns=("result",),
         parents=("fetch_data", "train", "evaluate", "highres", "benchmark_attention"),
+        gpu=False,
     ),
 }
+# What only the local runner passes: on an agent each step writes into its own clone, and the
+# summary step's mode defaults to "server" (neither is a parameter to edit in the web UI).
+LOCAL_KWARGS = {"summary": {"mode": "local"}}
 
 PARAMETER_HELP = {
     "data": "'kaggle', or a zip / folder in the headgear layout, or a ClearML Dataset id",
@@ -110,8 +137,7 @@ PARAMETER_HELP = {
     "highres_size": "image size of the high-resolution evaluation",
     "finetune_steps": "SGD steps of the fine-tune at the high resolution; 0 skips it",
     "benchmark": "attention benchmark sweep: auto (full on a GPU, quick on a CPU), quick or full",
-    "output": "folder for the steps' outputs (on the machine that runs each step)",
-    "mode": "local or server",
+    **{f"queue_{name}": f"agent queue the {name} step is enqueued on" for name in DAG},
 }
 REFERENCE = re.compile(r"^\$\{(\w+)\.(\w+)\}$")
 
@@ -178,7 +204,8 @@ def run_local(params: dict, run_dir: Path) -> int:
             continue
         print(f"\n=== {name} ===", flush=True)
         started = time.monotonic()
-        result, error = run_step(name, step, resolve(step.kwargs, params, outputs), run_dir)
+        kwargs = {**resolve(step.kwargs, params, outputs), **LOCAL_KWARGS.get(name, {}), "output": str(run_dir)}
+        result, error = run_step(name, step, kwargs, run_dir)
         seconds = time.monotonic() - started
         if result is None:
             status[name], failures[name] = f"FAILED after {seconds:.0f} s", error
@@ -215,13 +242,24 @@ def git_source() -> tuple[str, str]:
     return url, commit
 
 
-def build_controller(params: dict, queue: str, docker_image: str, step_queues: dict[str, str], repo: str, commit: str):
-    """The ``PipelineController`` of the DAG, built but not started."""
-    from clearml import PipelineController
-
-    unknown = set(step_queues) - set(DAG)
+def step_queues(queue: str, cpu_queue: str, overrides: dict[str, str]) -> dict[str, str]:
+    """The queue of every step: ``overrides`` (``--step-queue``), else ``cpu_queue`` for the
+    steps that need no GPU and ``queue`` for the others."""
+    unknown = set(overrides) - set(DAG)
     if unknown:
         raise ValueError(f"--step-queue names unknown steps {sorted(unknown)}; the steps are {', '.join(DAG)}")
+    return {name: overrides.get(name, queue if step.gpu else cpu_queue) for name, step in DAG.items()}
+
+
+def build_controller(
+    params: dict, queues: dict[str, str], docker_image: str, repo: str, commit: str, output_uri: str | bool = True
+):
+    """The ``PipelineController`` of the DAG, built but not started. ``params`` become the
+    pipeline's parameters (editable in the web UI, kept when an agent re-runs the controller),
+    and so does each step's queue (``queue_<step>``); ``output_uri`` is where the steps upload
+    models and artifacts (True: the server's file server)."""
+    from clearml import PipelineController
+
     pipe = PipelineController(
         name="headgear-vit",
         project=PROJECT,
@@ -229,38 +267,88 @@ def build_controller(params: dict, queue: str, docker_image: str, step_queues: d
         add_pipeline_tags=True,
         docker=docker_image,
         packages=str(REPO / "requirements.txt"),
+        output_uri=output_uri,
     )
-    pipe.set_default_execution_queue(queue)
-    for name, value in params.items():
+    for name, value in {**params, **{f"queue_{step}": queue for step, queue in queues.items()}}.items():
         pipe.add_parameter(name, value, PARAMETER_HELP[name])
     for name, step in DAG.items():
         pipe.add_function_step(
             name=name,
             function=step.function,
-            function_kwargs=step.kwargs,
+            function_kwargs=dict(step.kwargs),
             function_return=list(step.returns),
             parents=list(step.parents),
-            execution_queue=step_queues.get(name, queue),
+            task_type=step.task_type,
+            execution_queue=f"${{pipeline.queue_{name}}}",
             docker=docker_image,
             repo=repo,  # agents clone it and run the step at its root, where `components` imports from
             repo_commit=commit,
             packages=str(REPO / "requirements.txt"),
+            auto_connect_frameworks=False,  # models are registered explicitly, never by torch.save hooks
+            auto_connect_arg_parser=False,
             cache_executed_step=name == "fetch_data",  # the same source: the same data version, reused
-            task_type="training" if name == "train" else None,
+            monitor_metrics=list(step.monitor_metrics),
+            monitor_models=list(step.monitor_models),
         )
     return pipe
 
 
+def upload_local_data(source: str) -> str:
+    """A zip or folder on this machine, prepared and registered as a ClearML Dataset (one per
+    content: a re-run with the same data reuses it); returns the Dataset's id, which is what the
+    agents, on other machines, can fetch."""
+    from components.data import resolve
+    from components.fetch_data import register_dataset
+
+    dataset_id = register_dataset(resolve(source))
+    print(f"data {source} is the ClearML Dataset {dataset_id}")
+    return dataset_id
+
+
+def dry_run(pipe, folder: Path) -> None:
+    """Writes what each agent will run: ``folder/<step>/task.json`` (the task definition the
+    controller stores for the step, with the queue, parents and parameters it launches it
+    with), ``folder/<step>/<function>.py`` (the script ClearML generated for the step) and
+    ``folder/pipeline.json`` (the pipeline's parameters, as the web UI shows them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pipeline.json").write_text(json.dumps({"parameters": pipe.get_parameters()}, indent=2))
+    for name, node in pipe._nodes.items():
+        definition = json.loads(pipe._task._get_configuration_text(name=name))
+        definition["pipeline"] = {
+            "queue": node.queue,
+            "parents": node.parents,
+            "parameters": node.parameters,
+            "cache_executed_step": node.cache_executed_step,
+            "output_uri": node.output_uri,
+            "monitor_metrics": node.monitor_metrics,
+            "monitor_models": node.monitor_models,
+        }
+        step_folder = folder / name
+        step_folder.mkdir(parents=True, exist_ok=True)
+        (step_folder / "task.json").write_text(json.dumps(definition, indent=2, default=str))
+        (step_folder / definition["script"]["entry_point"]).write_text(definition["script"]["diff"])
+    print(f"dry run: what each step runs is in {folder}/<step>/ (task.json and the generated script)")
+
+
 def run_server(args: argparse.Namespace, params: dict) -> int:
-    host = check_server()
+    if not args.dry_run:
+        host = check_server()
     repo, commit = (args.repo, args.commit) if args.repo else git_source()
-    queue, docker_image = args.queue, args.docker_image
-    pipe = build_controller(params, queue, docker_image, args.step_queue, repo, commit or None)
+    queues = step_queues(args.queue, args.cpu_queue or args.queue, args.step_queue)
+    if Path(params["data"]).exists():
+        params["data"] = (
+            "<the ClearML Dataset of the local data>" if args.dry_run else upload_local_data(params["data"])
+        )
+    pipe = build_controller(params, queues, args.docker_image, repo, commit or None, args.output_uri or True)
+    if args.dry_run:
+        dry_run(pipe, args.dry_run)
+        return 0
     from clearml import Task
 
     print(f"pipeline on {host}: {Task.current_task().get_output_log_web_page()}")
-    print(f"steps go to the queue {queue!r}; an agent takes them with:")
-    print(f"  clearml-agent daemon --queue {queue} --docker {docker_image} --gpus all")
+    for queue in sorted(set(queues.values())):
+        print(f"steps go to the queue {queue!r}; an agent takes them with:")
+        print(f"  clearml-agent daemon --queue {queue} --docker {args.docker_image} --gpus all")
     if args.controller_queue:
         pipe.start(queue=args.controller_queue)
     else:
@@ -277,11 +365,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--preset", default="vit-ti16-224", choices=list(PRESETS), help="training preset (default: vit-ti16-224)"
     )
-    parser.add_argument("--output", type=Path, default=None, help="run folder (default: runs/<date-time>)")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="run folder of the local mode (default: runs/<date-time>)"
+    )
     parser.add_argument(
         "--local", action="store_true", help="run here with ClearML offline, even if a server is configured"
     )
-    parser.add_argument("--queue", default="gpu", help="agent queue of the steps in server mode (default: gpu)")
+    parser.add_argument("--queue", default="gpu", help="agent queue of the GPU steps in server mode (default: gpu)")
+    parser.add_argument(
+        "--cpu-queue",
+        default=None,
+        help="agent queue of fetch_data and summary, which need no GPU (default: the same as --queue)",
+    )
     parser.add_argument(
         "--step-queue",
         action="append",
@@ -293,6 +388,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--docker-image", default=DEFAULT_IMAGE, help=f"image the agents run the steps in (default: {DEFAULT_IMAGE})"
     )
     parser.add_argument("--controller-queue", default=None, help="run the controller on this queue instead of here")
+    parser.add_argument(
+        "--output-uri",
+        default=None,
+        help="where the steps upload models and artifacts, e.g. s3://bucket/headgear "
+        "(default: the server's file server)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="build the server-mode pipeline with ClearML offline and write what each step will run into "
+        "DIR/<step>/ (task.json and the generated script), without contacting a server",
+    )
     parser.add_argument("--repo", default=None, help="git URL the agents clone (default: this checkout's origin)")
     parser.add_argument("--commit", default=None, help="commit the agents run, with --repo (default: its HEAD)")
     parser.add_argument("--epochs", type=int, default=0, help=PARAMETER_HELP["epochs"])
@@ -319,21 +428,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    mode = "local" if args.local or not server_configured() else "server"
-    output = args.output or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if args.dry_run:
+        os.environ["CLEARML_OFFLINE_MODE"] = "1"
+        mode = "server"
+    else:
+        mode = "local" if args.local or not server_configured() else "server"
+    output = (args.output or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
     if mode == "local":
-        output = output.resolve()
         os.environ["CLEARML_OFFLINE_MODE"] = "1"
     params = {
-        "data": str(Path(args.data).resolve()) if mode == "local" and Path(args.data).exists() else args.data,
+        "data": str(Path(args.data).resolve()) if Path(args.data).exists() else args.data,
         "preset": args.preset,
         "epochs": args.epochs,
         "seed": args.seed,
         "highres_size": args.highres_size or default_highres_size(args.preset),
         "finetune_steps": args.finetune_steps,
         "benchmark": args.benchmark,
-        "output": str(output),
-        "mode": mode,
     }
     try:
         if mode == "server":

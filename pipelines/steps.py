@@ -1,67 +1,86 @@
 """The pipeline's steps: thin wrappers that call one component each.
 
 Each function is self-contained (its imports inside), because in server mode ClearML copies
-its source into a task that an agent runs at the repository's root. The local runner calls
-the same functions, one child process per step:
+its source into a generated script that an agent runs at the root of a fresh clone of the
+repository, after the script's own ``Task.init``: the component reports into that task, and
+the script uploads what the step returns (an id or a result dict, never a path: the next
+step runs in another container). No ``from __future__`` import here: the script would place
+it after its own header, a SyntaxError. The local runner calls the same functions, one child
+process per step:
 
     python -m pipelines.steps STEP KWARGS.json RESULT.json
 
-A step returns a tuple in the order of its ``returns`` in ``pipelines/run_pipeline.py``.
+A step returns its ``returns`` in ``pipelines/run_pipeline.py``: a tuple in that order, or the
+one value itself (ClearML's script stores a returned tuple whole when one name is declared).
 Numbers are cast on the way in: pipeline parameters reach an agent's step as strings.
+``output`` is keyword-only, so ClearML does not make it a step parameter: on an agent each step
+writes into ``outputs/`` of its own clone; the local runner passes the run folder.
 """
 
-from __future__ import annotations
 
-
-def fetch_data_step(source: str, output: str):
+def fetch_data_step(source: str, *, output: str = "outputs"):
     import os
     import sys
     from pathlib import Path
 
     sys.path.insert(0, os.getcwd())
     from components.fetch_data import fetch_data
+    from components.tracking import upload_plots
 
-    result = fetch_data(source, Path(output) / "fetch_data")
+    result = upload_plots(fetch_data(source, Path(output) / "fetch_data"))
     return result["dataset_id"] or result["path"], result
 
 
-def train_step(data: str, preset: str, epochs: int, seed: int, output: str):
+def train_step(data: str, preset: str, epochs: int, seed: int, *, output: str = "outputs"):
     import os
     import sys
     from pathlib import Path
 
     sys.path.insert(0, os.getcwd())
+    from components.tracking import upload_plots
     from components.train import train
 
     overrides = {"epochs": int(epochs)} if int(epochs) > 0 else {}  # 0: the preset's
-    result = train(data, preset, Path(output) / "train", seed=int(seed), **overrides)
+    result = upload_plots(train(data, preset, Path(output) / "train", seed=int(seed), **overrides))
     return result["model_id"] or result["checkpoint"], result
 
 
-def evaluate_step(checkpoint: str, data: str, output: str):
+def evaluate_step(checkpoint: str, data: str, *, output: str = "outputs"):
     import os
     import sys
     from pathlib import Path
 
     sys.path.insert(0, os.getcwd())
     from components.evaluate import evaluate
+    from components.tracking import report_results, upload_plots
 
-    return (evaluate(checkpoint, data, Path(output) / "evaluate" / "evaluate.json"),)
+    result = upload_plots(evaluate(checkpoint, data, Path(output) / "evaluate" / "evaluate.json"))
+    report_results("results", {"test accuracy @ training size": result["test_accuracy"]})
+    return result
 
 
-def highres_step(checkpoint: str, data: str, image_size: int, finetune_steps: int, output: str):
+def highres_step(checkpoint: str, data: str, image_size: int, finetune_steps: int, *, output: str = "outputs"):
     import os
     import sys
     from pathlib import Path
 
     sys.path.insert(0, os.getcwd())
     from components.highres import highres
+    from components.tracking import report_results, upload_plots
 
     output_json = Path(output) / "highres" / "highres.json"
-    return (highres(checkpoint, data, output_json, int(image_size), int(finetune_steps)),)
+    result = upload_plots(highres(checkpoint, data, output_json, int(image_size), int(finetune_steps)))
+    report_results(
+        "results",
+        {
+            "test accuracy @ high res, bicubic": result["test_accuracy_bicubic"],
+            "test accuracy @ high res, fine-tuned": result["test_accuracy_finetuned"],
+        },
+    )
+    return result
 
 
-def benchmark_step(mode: str, output: str):
+def benchmark_step(sweep: str, *, output: str = "outputs"):
     import os
     import sys
     from pathlib import Path
@@ -70,19 +89,37 @@ def benchmark_step(mode: str, output: str):
     import torch
 
     from components.benchmark_attention import benchmark_attention
+    from components.tracking import report_results, upload_plots
 
-    quick = mode == "quick" or (mode == "auto" and not torch.cuda.is_available())
-    return (benchmark_attention(Path(output) / "benchmark_attention" / "benchmark.json", quick=quick),)
+    quick = sweep == "quick" or (sweep == "auto" and not torch.cuda.is_available())
+    output_json = Path(output) / "benchmark_attention" / "benchmark.json"
+    result = upload_plots(benchmark_attention(output_json, quick=quick))
+    best = {}
+    for row in result["rows"]:
+        if row["impl"] != "separate":
+            series = f"best speed-up of {row['impl']} over separate QKV"
+            best[series] = max(best.get(series, 0.0), row["speedup_vs_separate"])
+    report_results("results", best)
+    return result
 
 
 def summary_step(
-    mode: str, preset: str, fetched: dict, trained: dict, evaluated: dict, highres: dict, benchmark: dict, output: str
+    preset: str,
+    fetched: dict,
+    trained: dict,
+    evaluated: dict,
+    highres: dict,
+    benchmark: dict,
+    *,
+    mode: str = "server",
+    output: str = "outputs",
 ):
     import os
     import sys
     from pathlib import Path
 
     sys.path.insert(0, os.getcwd())
+    from components.tracking import download_plots
     from pipelines.summary import write_summary
 
     steps = {
@@ -92,7 +129,9 @@ def summary_step(
         "highres": highres,
         "benchmark_attention": benchmark,
     }
-    return (write_summary(mode, preset, steps, Path(output)),)
+    if mode == "server":  # the plots were written in the other steps' containers
+        steps = {name: download_plots(result, Path(output) / "plots" / name) for name, result in steps.items()}
+    return write_summary(mode, preset, steps, Path(output))
 
 
 def main() -> None:
@@ -105,7 +144,7 @@ def main() -> None:
     name, kwargs_path, result_path = sys.argv[1:4]
     step = globals()[name]
     returned = step(**json.loads(Path(kwargs_path).read_text()))
-    write_json(list(returned), Path(result_path))
+    write_json(list(returned) if isinstance(returned, tuple) else [returned], Path(result_path))
 
 
 if __name__ == "__main__":

@@ -97,7 +97,9 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px}}
 
 def write_summary(mode: str, preset: str, steps: dict[str, dict], output: Path) -> dict:
     """Writes ``summary.json`` and ``report.html`` into ``output``, prints the table and the
-    command that imports the offline sessions; returns the summary."""
+    command that imports the offline sessions; returns the summary. As a pipeline step (its
+    task already running, left open for the step's return values), both files are also
+    uploaded as artifacts of that task: the step's container is thrown away."""
     output = Path(output)
     with open_task("summary", "custom", output / "summary") as tracker:
         summary = build_summary(mode, preset, steps)
@@ -108,6 +110,9 @@ def write_summary(mode: str, preset: str, steps: dict[str, dict], output: Path) 
     plots = [Path(plot) for result in steps.values() for plot in result.get("plots", [])]
     write_report(summary, table, plots, output / "report.html")
     write_json(summary, output / "summary.json")
+    if tracker.reused:
+        tracker.artifact("report.html", output / "report.html")
+        tracker.artifact("summary.json", output / "summary.json")
     print("\n" + table.to_string(index=False))
     print(f"\nsummary: {output / 'summary.json'}\nreport:  {output / 'report.html'}")
     if mode == "local":

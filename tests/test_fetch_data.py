@@ -103,11 +103,12 @@ def test_with_a_server_each_content_hash_is_registered_once(layout, tmp_path, mo
     registry = []
 
     class ServerDataset:
-        def __init__(self, project, tags):
+        def __init__(self, project, tags, parents):
             self.id, self.project, self.tags, self.files = f"dataset-{len(registry)}", project, tags, []
+            self.parents = parents
 
-        def add_files(self, path):
-            self.files.append(path)
+        def sync_folder(self, local_path):
+            self.files.append(local_path)
 
         def upload(self, show_progress=True):
             pass
@@ -115,8 +116,8 @@ def test_with_a_server_each_content_hash_is_registered_once(layout, tmp_path, mo
         def finalize(self):
             registry.append(self)
 
-    def create(dataset_name, dataset_project, dataset_tags):
-        return ServerDataset(dataset_project, dataset_tags)
+    def create(dataset_name, dataset_project, dataset_tags, parent_datasets):
+        return ServerDataset(dataset_project, dataset_tags, parent_datasets)
 
     def list_datasets(dataset_project, tags, only_completed):
         return [{"id": d.id} for d in registry if d.project == dataset_project and d.tags == tags]
@@ -127,4 +128,6 @@ def test_with_a_server_each_content_hash_is_registered_once(layout, tmp_path, mo
     assert register_dataset(data) == register_dataset(data) == "dataset-0"
     assert len(registry) == 1 and registry[0].files == [str(data.root)] and registry[0].project == DATASET_PROJECT
     other = prepare(make_layout(tmp_path / "other", per_split=(4, 2, 2)), tmp_path / "store")
-    assert register_dataset(other) == "dataset-1"
+    assert register_dataset(other) == "dataset-1" and registry[1].parents is None
+    third = prepare(make_layout(tmp_path / "third", per_split=(3, 1, 1)), tmp_path / "store")
+    assert register_dataset(third, parent="raw-upload") == "dataset-2" and registry[2].parents == ["raw-upload"]

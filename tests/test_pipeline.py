@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from components.tracking import child_environment
-from pipelines.run_pipeline import DAG, build_controller, default_highres_size
+from pipelines.run_pipeline import DAG, default_highres_size, step_queues
 from tests.conftest import FASHION_ZIP, REPO, closed_port, make_layout
 from tests.sessions import read_session, scalars
 
@@ -131,71 +131,117 @@ def test_a_failing_step_skips_its_dependents_and_keeps_what_finished(tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
-DESCRIBE_CONTROLLER = """
-import json, sys
-import tests.conftest  # offline ClearML, as in every test
-from pipelines.run_pipeline import build_controller
-params = json.loads(sys.argv[1])
-pipe = build_controller(params, "gpu", "registry.example/headgear-vit:1", {"benchmark_attention": "gpu-small"},
-                        repo="https://git.example/headgear-vit.git", commit="0123abc")
-nodes = {name: {"parents": node.parents, "queue": node.queue, "docker": node.explicit_docker_image,
-                "cache": node.cache_executed_step, "parameters": node.parameters} for name, node in pipe._nodes.items()}
-print("CONTROLLER " + json.dumps({"nodes": nodes, "parameters": pipe.get_parameters()}))
-"""
-
-
-def test_the_server_mode_controller_has_the_dag_queues_image_and_parameters(tmp_path):
-    # Built offline and never started: no ClearML server can run here, and none is needed to
-    # check what would be sent to one. In a script of its own, as run_pipeline.py builds it
-    # (under pytest, ClearML would spend minutes analysing pytest as the controller's script).
-    params = {
-        "data": "kaggle",
-        "preset": "vit-ti16-224",
-        "epochs": 0,
-        "seed": 0,
-        "highres_size": 384,
-        "finetune_steps": 300,
-        "benchmark": "auto",
-        "output": "runs/pipeline",
-        "mode": "server",
-    }
-    script = tmp_path / "describe_controller.py"
-    script.write_text(DESCRIBE_CONTROLLER)
+def dry_run(folder: Path, *args: str) -> dict:
+    """``run_pipeline.py --dry-run``: the server-mode pipeline built with ClearML offline (no
+    server can run here, and none is needed to see what would be sent to one). Returns
+    {"pipeline": pipeline.json, STEP: task.json, ...}."""
     run = subprocess.run(
-        [sys.executable, str(script), json.dumps(params)],
+        [sys.executable, "pipelines/run_pipeline.py", "--dry-run", str(folder), *args],
         cwd=REPO,
         capture_output=True,
         text=True,
-        env=child_environment(PYTHONPATH=str(REPO)),
+        env=child_environment(),
         timeout=300,
     )
-    assert run.returncode == 0, run.stderr[-3000:]
-    built = json.loads(run.stdout.split("CONTROLLER ", 1)[1].splitlines()[0])
-    nodes = built["nodes"]
-    assert list(nodes) == list(DAG) == ["fetch_data", "train", "evaluate", "highres", "benchmark_attention", "summary"]
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    built = {"pipeline": json.loads((folder / "pipeline.json").read_text())}
+    for name in DAG:
+        built[name] = json.loads((folder / name / "task.json").read_text())
+    return built
+
+
+def test_the_server_mode_pipeline_has_the_dag_types_queues_image_and_parameters(tmp_path):
+    built = dry_run(
+        tmp_path / "dry",
+        "--data",
+        "kaggle",
+        "--cpu-queue",
+        "cpu",
+        "--step-queue",
+        "benchmark_attention=gpu-small",
+        "--docker-image",
+        "registry.example/headgear-vit:1",
+        "--repo",
+        "https://git.example/headgear-vit.git",
+        "--commit",
+        "0123abc",
+        "--output-uri",
+        "https://files.example.com/headgear",
+    )
+    steps = {name: built[name] for name in DAG}
+    assert list(DAG) == ["fetch_data", "train", "evaluate", "highres", "benchmark_attention", "summary"]
+    nodes = {name: task["pipeline"] for name, task in steps.items()}
     assert nodes["train"]["parents"] == ["fetch_data"]
     assert set(nodes["evaluate"]["parents"]) == set(nodes["highres"]["parents"]) == {"fetch_data", "train"}
     assert nodes["benchmark_attention"]["parents"] == []
     assert set(nodes["summary"]["parents"]) == {"fetch_data", "train", "evaluate", "highres", "benchmark_attention"}
+    assert {name: task["type"] for name, task in steps.items()} == {
+        "fetch_data": "data_processing",
+        "train": "training",
+        "evaluate": "testing",
+        "highres": "testing",
+        "benchmark_attention": "qc",
+        "summary": "custom",
+    }
+    # queues are pipeline parameters, so a controller re-run by an agent (or from the UI) keeps them
     assert {name: node["queue"] for name, node in nodes.items()} == {
-        "fetch_data": "gpu",
+        name: f"${{pipeline.queue_{name}}}" for name in DAG
+    }
+    parameters = built["pipeline"]["parameters"]
+    assert {name: parameters[f"queue_{name}"] for name in DAG} == {
+        "fetch_data": "cpu",
         "train": "gpu",
         "evaluate": "gpu",
         "highres": "gpu",
         "benchmark_attention": "gpu-small",
-        "summary": "gpu",
+        "summary": "cpu",
     }
-    assert {node["docker"] for node in nodes.values()} == {"registry.example/headgear-vit:1"}
-    assert nodes["fetch_data"]["cache"] and not nodes["train"]["cache"]
-    assert built["parameters"] == params  # editable in the web UI
+    assert set(parameters) == {
+        "data",
+        "preset",
+        "epochs",
+        "seed",
+        "highres_size",
+        "finetune_steps",
+        "benchmark",
+        *(f"queue_{name}" for name in DAG),
+    }  # no output folder, no mode: nothing that means nothing on an agent
+    for task in steps.values():
+        assert task["container"]["image"] == "registry.example/headgear-vit:1"
+        assert task["script"]["repository"] == "https://git.example/headgear-vit.git"
+        assert task["script"]["version_num"] == "0123abc"
+        assert (
+            task["output"]["destination"] == "https://files.example.com/headgear"
+        )  # models and artifacts are uploaded there
+        assert "auto_connect_frameworks=False" in task["script"]["diff"]  # no model entry per torch.save
+        assert not any(key.endswith(("/output", "/mode")) for key in task["pipeline"]["parameters"])
+    assert nodes["fetch_data"]["cache_executed_step"] and not nodes["train"]["cache_executed_step"]
+    # the cache hashes fetch_data's parameters: only the data source, the same on every run
+    assert nodes["fetch_data"]["parameters"] == {"kwargs/source": "${pipeline.data}"}
     assert nodes["train"]["parameters"]["kwargs/preset"] == "${pipeline.preset}"
     assert nodes["train"]["parameters"]["kwargs_artifacts/data"] == "${fetch_data.id}.data"
     assert nodes["highres"]["parameters"]["kwargs_artifacts/checkpoint"] == "${train.id}.checkpoint"
+    # the pipeline page shows the results
+    assert nodes["evaluate"]["monitor_metrics"] == [["results", "test accuracy @ training size"]]
+    assert ["results", "test accuracy @ high res, fine-tuned"] in nodes["highres"]["monitor_metrics"]
+    assert ["results", "best speed-up of fused over separate QKV"] in nodes["benchmark_attention"]["monitor_metrics"]
+    assert nodes["train"]["monitor_models"] == nodes["highres"]["monitor_models"] == ["*"]
+
+
+def test_every_generated_step_script_compiles(tmp_path):
+    # The agent writes the stored script out as <function>.py and runs it: a `from __future__`
+    # import in pipelines/steps.py, copied after ClearML's header, is a SyntaxError there.
+    dry_run(tmp_path / "dry", "--repo", "https://git.example/headgear-vit.git", "--commit", "0123abc")
+    for name in DAG:
+        task = json.loads((tmp_path / "dry" / name / "task.json").read_text())
+        script = tmp_path / "dry" / name / task["script"]["entry_point"]
+        assert script.read_text() == task["script"]["diff"]
+        compile(script.read_text(), str(script), "exec")
 
 
 def test_a_step_queue_for_an_unknown_step_is_refused():
     with pytest.raises(ValueError, match="unknown steps"):
-        build_controller({}, "gpu", "image", {"trian": "gpu"}, repo="https://git.example/x.git", commit="abc")
+        step_queues("gpu", "cpu", {"trian": "gpu"})
 
 
 def test_the_highres_size_keeps_the_papers_ratio():
@@ -258,10 +304,10 @@ def test_steps_take_parameters_as_an_agent_passes_them(tmp_path):
     from pipelines import steps
 
     data = make_layout(tmp_path / "data", per_split=(8, 2, 2))
-    fetched_data, fetched = steps.fetch_data_step(str(data), str(tmp_path / "run"))
-    checkpoint, trained = steps.train_step(fetched_data, "smoke", "1", "3", str(tmp_path / "run"))
+    fetched_data, fetched = steps.fetch_data_step(str(data), output=str(tmp_path / "run"))
+    checkpoint, trained = steps.train_step(fetched_data, "smoke", "1", "3", output=str(tmp_path / "run"))
     assert len(trained["train_loss"]) == 1 and Path(checkpoint).is_file()
-    (result,) = steps.highres_step(checkpoint, fetched_data, "48", "2", str(tmp_path / "run"))
+    result = steps.highres_step(checkpoint, fetched_data, "48", "2", output=str(tmp_path / "run"))
     assert result["image_size"] == 48 and len(result["finetune_losses"]) == 2
 
 
@@ -281,4 +327,4 @@ def test_server_mode_reports_a_server_that_does_not_answer_within_seconds(tmp_pa
         timeout=120,
     )
     assert run.returncode == 2 and time.monotonic() - started < 30
-    assert f"ClearML server at http://127.0.0.1:{port} did not answer" in run.stderr and "--local" in run.stderr
+    assert f"ClearML server at http://127.0.0.1:{port} refused the connection" in run.stderr and "--local" in run.stderr

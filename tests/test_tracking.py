@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -46,7 +47,7 @@ def test_open_task_refuses_an_unreachable_server_before_clearml_retries(monkeypa
     monkeypatch.delenv("CLEARML_OFFLINE_MODE")
     monkeypatch.setenv("CLEARML_API_HOST", f"http://127.0.0.1:{port}")
     started = time.monotonic()
-    with pytest.raises(TrackingError, match="did not answer"):
+    with pytest.raises(TrackingError, match=rf"127.0.0.1:{port} refused the connection.*--local"):
         with open_task("probe", "testing", tmp_path):
             pass
     assert time.monotonic() - started < 15
@@ -63,3 +64,41 @@ def test_an_offline_task_leaves_its_session_beside_the_outputs(tmp_path):
     session = read_session(tracker.session)
     assert session["task"]["name"] == "probe run"
     assert scalars(session, "loss", "train") == [1.0, 0.5, 1 / 3]
+
+
+def test_a_component_reports_into_the_running_task_and_leaves_it_open(tmp_path):
+    # What a pipeline step's generated script does on an agent: its Task.init made the task,
+    # the component runs inside it, then the script uploads the step's return values.
+    from clearml import Task
+
+    from tests.sessions import read_session
+
+    step = Task.init(project_name="tests", task_name="step", auto_connect_frameworks=False)
+    with open_task("probe", "testing", tmp_path / "component") as tracker:
+        assert tracker.task is step and tracker.reused
+        tracker.artifact("inside", {"a": 1})
+    step.upload_artifact("returned", artifact_object={"b": 2}, wait_on_upload=True)  # after the component
+    step_id = step.id
+    step.close()
+
+    from clearml.config import get_offline_dir
+
+    session = read_session(Path(get_offline_dir(task_id=step_id)).with_suffix(".zip"))
+    stored = [name for name in session["files"] if "/artifacts/" in name or name.startswith("artifacts")]
+    assert any("inside" in name for name in stored) and any("returned" in name for name in stored), session["files"]
+    assert not list((tmp_path / "component").glob("*.zip"))  # not the component's session to keep
+
+
+def test_a_closed_task_drops_what_is_uploaded_after(tmp_path):
+    # Why a component must not close a task it did not create: uploads after close vanish.
+    from clearml import Task
+    from clearml.config import get_offline_dir
+
+    from tests.sessions import read_session
+
+    step = Task.init(project_name="tests", task_name="closed step", auto_connect_frameworks=False)
+    step_id = step.id
+    step.close()
+    step.upload_artifact("returned", artifact_object={"b": 2}, wait_on_upload=True)
+    session = read_session(Path(get_offline_dir(task_id=step_id)).with_suffix(".zip"))
+    assert not any("returned" in name for name in session["files"])
