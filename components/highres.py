@@ -48,7 +48,7 @@ from components import checkpoints
 from components.atomic import write_json
 from components.augment import augment, endless_batches
 from components.data import DataError, decode_split, resolve, to_input
-from components.devices import pick_device
+from components.devices import mixed_precision, pick_device
 from components.evaluate import accuracy, correct, predict
 from components.plots import factor_figure, grouped_bars_figure, similarity_figure
 from components.presets import TrainConfig, check_crop_scale
@@ -95,7 +95,7 @@ def finetune(
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     images, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
     batches = endless_batches(len(images), config, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = mixed_precision(device)
     losses = []
     for step, batch in zip(tqdm(range(steps), desc="fine-tune", unit="step"), batches):
         for group in optimizer.param_groups:

@@ -34,7 +34,7 @@ from components import checkpoints
 from components.atomic import write_json
 from components.augment import Draws, augment, batch_draws, draw, epoch_batches, len_epoch, mix, on_device
 from components.data import DataError, decode_split, from_input, resolve
-from components.devices import pick_device
+from components.devices import mixed_precision, pick_device
 from components.evaluate import correct, predict
 from components.plots import curves_figure, image_grid_figure
 from components.presets import TrainConfig, add_override_flags, overrides_from, preset
@@ -327,7 +327,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         valid_images, valid_labels = (torch.from_numpy(array).to(device) for array in (valid_images, valid_labels))
         steps_per_epoch = len_epoch(len(train_images), config.batch_size)
         total_steps, step = config.epochs * steps_per_epoch, first_epoch * steps_per_epoch
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        autocast = mixed_precision(device)
         progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
         # Loss and correct predictions summed per epoch on the device, read with the validations.
         epoch_sums = torch.zeros(config.epochs, 2, device=device)
