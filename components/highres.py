@@ -234,7 +234,7 @@ class Curve(NamedTuple):
 class Variant:
     """One way of running the trained model at the new size: ``name`` in its result keys
     (``test_accuracy_<name>``, ``test_loss_<name>``), ``label`` its row in the tables from a
-    result (or the summary's part of one, `summary`), ``build`` the model (None: skipped), and,
+    result (or the summary's part of one, `summary_part`), ``build`` the model (None: skipped), and,
     where its build chose a number on the validation split, the result key of that number
     (``chose``) and the curve it was chosen on."""
 
@@ -293,7 +293,7 @@ VARIANTS = {  # in the order built: each may start from those before
 NOT_RUN = {"accuracy": None, "loss": None}
 
 
-def summary(result: dict) -> dict:
+def summary_part(result: dict) -> dict:
     """The part of a highres result that a run's summary keeps: the new size, each variant's
     test accuracy and the numbers its label reads."""
     kept = [key for variant in VARIANTS.values() for key in (f"test_accuracy_{variant.name}", variant.chose) if key]

@@ -378,7 +378,8 @@ class Loop:
     writer into ``folder``."""
 
     def __init__(self, state: TrainingState, n_train: int, device: torch.device, tracker, folder: Path):
-        config, self.device, self.tracker, self.folder = state.config, device, tracker, folder
+        self.config, self.device, self.tracker, self.folder = state.config, device, tracker, folder
+        config = state.config
         self.steps_per_epoch = len_epoch(n_train, config.batch_size)
         self.total_steps, self.step = config.epochs * self.steps_per_epoch, state.epoch * self.steps_per_epoch
         self.first_epoch = self.unreported_from = state.epoch
@@ -397,7 +398,7 @@ class Loop:
         self.step += 1
         self.window_images += n_images
         self.progress.update()
-        if self.step % state.config.log_every == 0:
+        if self.step % self.config.log_every == 0:
             elapsed = time.perf_counter() - self.window_start
             self.step_losses.push(loss, step=self.step, lr=lr, images_per_second=self.window_images / elapsed)
             self.window_start, self.window_images = time.perf_counter(), 0
@@ -426,11 +427,12 @@ class Loop:
             self.timed_from = time.perf_counter()
             self.stopwatch.restart()
 
-    def close(self, config: TrainConfig) -> float | None:
+    def close(self) -> float | None:
         """Reports the losses still on their way, waits until the last checkpoints are on disk and
         returns the images/s since the first epoch (None when there was no later one)."""
         self.report_losses(wait=True)
         self.progress.close()
+        config = self.config
         timed_epochs = config.epochs - self.first_epoch - 1
         throughput = (
             timed_epochs * self.steps_per_epoch * config.batch_size / (time.perf_counter() - self.timed_from)
@@ -508,7 +510,7 @@ def show_augmented_sample(tracker, splits: Splits, classes: list[str], config: T
 def finish(state: TrainingState, loop: Loop, tracker, output: Path, preset_name: str) -> dict:
     """Once the loop is done: the throughput, the training curves, the best model registered and
     the history as an artifact; returns `train`'s result."""
-    throughput = loop.close(state.config)
+    throughput = loop.close()
     history = state.history
     figure = curves_figure(
         {
