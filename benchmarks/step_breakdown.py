@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.train_throughput import round_robin_throughput  # noqa: E402
 from components.augment import endless_batches, epoch_batches  # noqa: E402
 from components.data import decode_split, resolve  # noqa: E402
-from components.devices import pick_device  # noqa: E402
+from components.devices import mixed_precision, pick_device  # noqa: E402
 from components.presets import add_override_flags, overrides_from, preset  # noqa: E402
 from components.train import (  # noqa: E402
     batch_inputs,
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(config, n_classes).to(device).train()
     optimizer = build_optimizer(model, config, device)
     forward = compiled(model, config, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = mixed_precision(device)
 
     on_the_device = epoch_batches(len(train_images), config, 0, device)
     cycle = itertools.cycle(on_the_device)

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.augment import augment, endless_batches, len_epoch  # noqa: E402
 from components.data import decode_split, resolve  # noqa: E402
-from components.devices import pick_device  # noqa: E402
+from components.devices import mixed_precision, pick_device  # noqa: E402
 from components.presets import preset as train_preset  # noqa: E402
 from components.train import train  # noqa: E402
 from model import MODEL_PRESETS, ViT  # noqa: E402
@@ -89,7 +89,7 @@ def training_step(
     forward = model if mode == "eager" else torch.compile(model, mode=mode)
     images = torch.randn(batch_size, 3, image_size, image_size, device=device)
     labels = torch.randint(0, 1000, (batch_size,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = mixed_precision(device)
 
     def step():
         torch.compiler.cudagraph_mark_step_begin()

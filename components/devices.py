@@ -1,4 +1,4 @@
-"""Which device a component runs on."""
+"""Which device a component runs on, and the precision it computes in there."""
 
 from __future__ import annotations
 
@@ -10,3 +10,9 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def mixed_precision(device: torch.device) -> torch.autocast:
+    """bf16 autocast on a GPU, float32 on a CPU: the one precision that training, evaluation and
+    the benchmarks compute in. A reusable context: ``with mixed_precision(device): ...``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from components import checkpoints
 from components.atomic import write_json
 from components.data import DataError, decode_split, resolve, to_input
-from components.devices import pick_device
+from components.devices import mixed_precision, pick_device
 from components.plots import confusion_figure, image_grid_figure
 from components.tracking import open_task
 
@@ -36,7 +36,7 @@ def predict(
     returned on the CPU; with ``to_host=False`` left on ``device``, so that the host goes on
     without waiting for the device (the training loop's validation)."""
     model.eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = mixed_precision(device)
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = to_input(torch.as_tensor(images[start : start + batch_size]).to(device))

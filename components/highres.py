@@ -32,10 +32,12 @@ p-value: on 500 test images one standard error of accuracy is about 1.5 points, 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -46,17 +48,14 @@ from tqdm import tqdm
 from components import checkpoints
 from components.atomic import write_json
 from components.augment import augment, endless_batches
-from components.data import DataError, decode_split, resolve, to_input
-from components.devices import pick_device
+from components.data import DataError, DataVersion, decode_split, resolve, to_input
+from components.devices import mixed_precision, pick_device
 from components.evaluate import accuracy, correct, predict
 from components.plots import factor_figure, grouped_bars_figure, similarity_figure
 from components.presets import TrainConfig, check_crop_scale
-from components.tracking import open_task
-from components.train import learning_rate
+from components.tracking import Tracker, open_task
+from components.train import learning_rate, optimization_step
 from model import ViT
-
-VARIANTS = ("bilinear", "bicubic", "bicubic_calibrated", "finetuned", "finetuned_interpolated")
-NOT_RUN = {"accuracy": None, "loss": None}
 
 
 def split_metrics(
@@ -90,22 +89,18 @@ def finetune(
 ) -> list[float]:
     """SGD with momentum 0.9 at the new size, cosine decay from ``config.lr``, gradient
     clipping, ``config``'s crop and flip; returns the loss of every step."""
+    torch.manual_seed(config.seed)  # drop path and dropout draw the same whatever ran before
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     images, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
     batches = endless_batches(len(images), config, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    clipped, autocast = replace(config, grad_clip=config.grad_clip or 1.0), mixed_precision(device)
     losses = []
     for step, batch in zip(tqdm(range(steps), desc="fine-tune", unit="step"), batches):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step, steps, steps_per_epoch=1)
-        with autocast:
-            logits = model(augment(images, batch))
-        loss = F.cross_entropy(logits.float(), labels.index_select(0, batch.index))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or 1.0)
-        optimizer.step()
+        targets = F.one_hot(labels.index_select(0, batch.index), model.config["n_classes"]).float()
+        loss, _ = optimization_step(model, model, optimizer, augment(images, batch), targets, clipped, autocast)
         losses.append(loss.detach())
     return torch.stack(losses).tolist()  # read once: no synchronisation per step
 
@@ -163,6 +158,263 @@ def _patch_grid(model: ViT) -> np.ndarray:
     return model.projector.pos_embed.detach()[0, 1:].reshape(height, width, -1).float().cpu().numpy()
 
 
+@dataclass
+class Resizing:
+    """What the variants are built from, shared by their builds: the trained model, the new size,
+    the validation split at it (on which their numbers are chosen), the fine-tune's settings
+    (None: skipped); ``built`` holds the variants built so far, ``found`` what their builds chose
+    (result keys)."""
+
+    trained: ViT
+    size: int
+    dataset: DataVersion
+    valid_images: np.ndarray
+    valid_labels: np.ndarray
+    finetune_config: TrainConfig | None
+    finetune_steps: int
+    device: torch.device
+    tracker: Tracker
+    built: dict[str, ViT] = field(default_factory=dict)
+    found: dict = field(default_factory=dict)
+
+    def resized(self, mode: str = "bicubic") -> ViT:
+        """A copy of the trained model, its position embeddings interpolated to the new size."""
+        return copy.deepcopy(self.trained).set_image_size(self.size, mode=mode)
+
+
+def _calibrated(resizing: Resizing) -> ViT:
+    model = resizing.resized()
+    trained_tokens = 1 + resizing.trained.projector.grid[0] * resizing.trained.projector.grid[1]
+    curve = calibrate_attention(model, resizing.valid_images, resizing.valid_labels, resizing.device, trained_tokens)
+    resizing.found.update(
+        attention_scale=model.config["attention_scale"], attention_calibration=curve.to_dict(orient="records")
+    )
+    print(f"attention scale chosen on the validation split: {model.config['attention_scale']:.3f}")
+    return model
+
+
+def _finetuned(resizing: Resizing) -> ViT | None:
+    if resizing.finetune_config is None:
+        return None
+    train_images, train_labels = decode_split(resizing.dataset, "train", resizing.size)
+    config = replace(resizing.finetune_config, batch_size=min(resizing.finetune_config.batch_size, len(train_images)))
+    model = resizing.resized().to(resizing.device)
+    losses = finetune(model, train_images, train_labels, config, resizing.finetune_steps, resizing.device)
+    for step, loss in enumerate(losses):
+        resizing.tracker.scalar("fine-tune loss", f"train @ {resizing.size}", loss, step)
+    resizing.found["finetune_losses"] = losses
+    return model
+
+
+def _finetuned_interpolated(resizing: Resizing) -> ViT | None:
+    if "finetuned" not in resizing.built:
+        return None
+    model = copy.deepcopy(resizing.built["finetuned"])
+    before = resizing.built["bicubic"].state_dict()  # where the fine-tune started
+    curve = interpolate_finetune(model, before, resizing.valid_images, resizing.valid_labels, resizing.device)
+    resizing.found.update(finetune_kept=chosen(curve), finetune_interpolation=curve.to_dict(orient="records"))
+    print(f"share of the fine-tune's change kept, chosen on the validation split: {chosen(curve):.2f}")
+    return model
+
+
+class Curve(NamedTuple):
+    """The validation curve a variant's one number was chosen on, as highres plots it: the result
+    key of its points, the plot file's suffix, its x axis, its ClearML title and what the
+    plotted model started from."""
+
+    key: str
+    suffix: str
+    xlabel: str
+    title: str
+    start: str
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the trained model at the new size: ``name`` in its result keys
+    (``test_accuracy_<name>``, ``test_loss_<name>``), ``label`` its row in the tables from a
+    result (or the summary's part of one, `summary_part`), ``build`` the model (None: skipped), and,
+    where its build chose a number on the validation split, the result key of that number
+    (``chose``) and the curve it was chosen on."""
+
+    name: str
+    label: Callable[[dict], str]
+    build: Callable[[Resizing], ViT | None]
+    chose: str | None = None
+    curve: Curve | None = None
+
+    def accuracy(self, result: dict) -> float | None:
+        return result[f"test_accuracy_{self.name}"]
+
+
+VARIANTS = {  # in the order built: each may start from those before
+    variant.name: variant
+    for variant in (
+        Variant("bilinear", lambda result: "interpolated, bilinear", lambda resizing: resizing.resized("bilinear")),
+        Variant("bicubic", lambda result: "interpolated, bicubic", lambda resizing: resizing.resized("bicubic")),
+        Variant(
+            "bicubic_calibrated",
+            lambda result: f"bicubic, attention x{result['attention_scale']:.2f}",
+            _calibrated,
+            chose="attention_scale",
+            curve=Curve(
+                "attention_calibration", "attention", "attention logits multiplied by", "attention scale", "bicubic"
+            ),
+        ),
+        Variant(
+            "finetuned",
+            lambda result: (
+                "bicubic + fine-tuned"
+                if result["test_accuracy_finetuned"] is not None
+                else "bicubic + fine-tuned (skipped: --finetune-steps 0)"
+            ),
+            _finetuned,
+        ),
+        Variant(
+            "finetuned_interpolated",
+            lambda result: (
+                f"fine-tuned, x{result['finetune_kept']:.2f} of its change kept"
+                if result["finetune_kept"] is not None
+                else "fine-tuned, part of its change kept (skipped)"
+            ),
+            _finetuned_interpolated,
+            chose="finetune_kept",
+            curve=Curve(
+                "finetune_interpolation",
+                "interpolation",
+                "share of the fine-tune's change kept",
+                "fine-tune kept",
+                "fine-tuned",
+            ),
+        ),
+    )
+}
+NOT_RUN = {"accuracy": None, "loss": None}
+
+
+def summary_part(result: dict) -> dict:
+    """The part of a highres result that a run's summary keeps: the new size, each variant's
+    test accuracy and the numbers its label reads."""
+    kept = [key for variant in VARIANTS.values() for key in (f"test_accuracy_{variant.name}", variant.chose) if key]
+    return {"image_size": result["image_size"], **{key: result[key] for key in kept}}
+
+
+def finetune_config(saved: dict, params: dict) -> TrainConfig | None:
+    """The fine-tune's settings: the training run's where the checkpoint has them, at the new size,
+    with highres' learning rate, crop and batch size, no warm-up and no RandAugment or erasing;
+    None when ``finetune_steps`` skips it."""
+    if params["finetune_steps"] <= 0:
+        return None
+    return replace(
+        TrainConfig(**saved["train_config"]) if "train_config" in saved else TrainConfig(),
+        image_size=params["image_size"],
+        lr=params["finetune_lr"],
+        min_lr=0.0,
+        warmup_epochs=0,
+        rand_augment=0,
+        random_erasing=0.0,
+        crop_scale=params["finetune_crop_scale"],
+        batch_size=params["finetune_batch_size"],
+    )
+
+
+def refusal(trained: ViT, images: np.ndarray, device: torch.device) -> str | None:
+    """1. as trained: the model must refuse the new size, and its error say how to fix it."""
+    try:
+        trained.to(device).eval()(to_input(torch.from_numpy(images[:1]).to(device)))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def accuracy_table(result: dict, reference: dict, metrics: dict[str, dict]) -> pd.DataFrame:
+    """The reference row, the refused one and a row per variant, labelled as `VARIANTS` say."""
+    size, native = result["image_size"], result["trained_image_size"]
+    rows = [
+        {"variant": f"reference: trained size {native}", "image_size": native, **reference},
+        {"variant": "no resize", "image_size": size, **NOT_RUN},
+        *(
+            {"variant": variant.label(result), "image_size": size, **metrics.get(name, NOT_RUN)}
+            for name, variant in VARIANTS.items()
+        ),
+    ]
+    return pd.DataFrame(rows).astype({"gained": "Int64", "lost": "Int64"})
+
+
+def report_figures(result: dict, table: pd.DataFrame, resizing: Resizing, output_json: Path) -> list[str]:
+    """The accuracy of each variant, the validation curve of each number chosen and the position
+    embeddings' similarity before and after the resize: saved next to ``output_json`` and
+    reported; returns their paths."""
+    size, native = result["image_size"], result["trained_image_size"]
+    shown = table.dropna(subset=["accuracy"])
+    bars = grouped_bars_figure(
+        list(shown["variant"]),
+        {"test accuracy": list(shown["accuracy"])},
+        "accuracy",
+        f"trained at {native}, evaluated at {size}",
+    )
+    figures = {".png": ("accuracy by variant", bars, 120)}  # suffix: (ClearML title, figure, dpi)
+    for variant in VARIANTS.values():
+        if variant.curve is not None and result[variant.curve.key]:
+            points = pd.DataFrame(result[variant.curve.key])
+            figure = factor_figure(
+                list(points["factor"]),
+                {"validation loss": list(points["loss"]), "validation accuracy": list(points["accuracy"])},
+                result[variant.chose],
+                variant.curve.xlabel,
+                f"{variant.curve.start} at {size}, trained at {native}",
+            )
+            figures[f".{variant.curve.suffix}.png"] = (f"{variant.curve.title} on the validation split", figure, 120)
+    grids = {
+        f"trained ({native})": _patch_grid(resizing.trained),
+        f"bicubic ({size})": _patch_grid(resizing.built["bicubic"]),
+    }
+    figures[".pos_embed.png"] = ("position embedding similarity", similarity_figure(grids), 100)
+    for suffix, (title, figure, dpi) in figures.items():
+        figure.savefig(output_json.with_suffix(suffix), dpi=dpi)
+        resizing.tracker.figure(title, figure)
+    return [str(output_json.with_suffix(suffix)) for suffix in figures]
+
+
+def measure_reference(trained: ViT, dataset: DataVersion, device: torch.device) -> tuple[dict, np.ndarray]:
+    """The reference: the trained model's accuracy and loss on the test split at its own size,
+    and which images it got right."""
+    images, labels = decode_split(dataset, "test", trained.image_size[0])
+    logits = predict(trained.to(device), images, device)
+    return logit_metrics(logits, labels), correct(logits, labels).numpy()
+
+
+def build_variants(
+    resizing: Resizing, images: np.ndarray, labels: np.ndarray, reference_correct: np.ndarray
+) -> dict[str, dict]:
+    """Builds each of `VARIANTS` in turn into ``resizing.built``; returns the test metrics of
+    those not skipped, against the reference's right answers."""
+    metrics = {}
+    for name, variant in VARIANTS.items():
+        model = variant.build(resizing)
+        if model is not None:
+            resizing.built[name] = model
+            metrics[name] = split_metrics(model, images, labels, resizing.device, reference_correct)
+    return metrics
+
+
+def variant_results(metrics: dict[str, dict], found: dict) -> dict:
+    """The result keys of the variants: test accuracy and loss of each (None where skipped), their
+    changes against the reference, and what their builds chose with the curves chosen on."""
+    return {
+        **{f"test_accuracy_{name}": metrics.get(name, NOT_RUN)["accuracy"] for name in VARIANTS},
+        **{f"test_loss_{name}": metrics.get(name, NOT_RUN)["loss"] for name in VARIANTS},
+        "test_changes": {  # against the reference row, image by image
+            name: {key: variant[key] for key in ("gained", "lost", "mcnemar_p")} for name, variant in metrics.items()
+        },
+        "attention_scale": found["attention_scale"],
+        "attention_calibration": found["attention_calibration"],
+        "finetune_losses": found.get("finetune_losses", []),
+        "finetune_kept": found.get("finetune_kept"),
+        "finetune_interpolation": found.get("finetune_interpolation", []),
+    }
+
+
 def highres(
     checkpoint: Path,
     data: str,
@@ -197,161 +449,37 @@ def highres(
         )
         size = params["image_size"]
         trained, saved = checkpoints.load_model(Path(params["checkpoint"]))
-        native = trained.image_size[0]
         dataset = resolve(params["data"])
         images, labels = decode_split(dataset, "test", size)
-
-        native_images, native_labels = decode_split(dataset, "test", native)
-        native_logits = predict(trained.to(device), native_images, device)
-        reference = logit_metrics(native_logits, native_labels)
-        reference_correct = correct(native_logits, native_labels).numpy()
-
-        try:  # 1. as trained: the model must refuse, and say how to fix it
-            trained.to(device).eval()(to_input(torch.from_numpy(images[:1]).to(device)))
-            no_resize_error = None
-        except ValueError as error:
-            no_resize_error = str(error)
+        reference, reference_correct = measure_reference(trained, dataset, device)
+        no_resize_error = refusal(trained, images, device)
         print(f"no resize: {no_resize_error}")
 
-        variants, metrics = {}, {}
-        for name, mode in (("bilinear", "bilinear"), ("bicubic", "bicubic"), ("bicubic_calibrated", "bicubic")):
-            model, _ = checkpoints.load_model(Path(params["checkpoint"]))
-            variants[name] = model.set_image_size(size, mode=mode)
-        trained_tokens = 1 + trained.projector.grid[0] * trained.projector.grid[1]
         valid_images, valid_labels = decode_split(dataset, "valid", size)
-        calibration = calibrate_attention(  # 4.
-            variants["bicubic_calibrated"], valid_images, valid_labels, device, trained_tokens
+        config = finetune_config(saved, params)
+        resizing = Resizing(
+            trained, size, dataset, valid_images, valid_labels, config, params["finetune_steps"], device, tracker
         )
-        attention_scale = variants["bicubic_calibrated"].config["attention_scale"]
-        print(f"attention scale chosen on the validation split: {attention_scale:.3f}")
-        for name, model in variants.items():  # 2., 3. and 4.
-            metrics[name] = split_metrics(model, images, labels, device, reference_correct)
-
-        finetune_losses, interpolation, kept = [], None, None
-        result_model = variants["bicubic"]
-        if params["finetune_steps"] > 0:  # 5.
-            train_images, train_labels = decode_split(dataset, "train", size)
-            config = replace(
-                TrainConfig(**saved["train_config"]) if "train_config" in saved else TrainConfig(),
-                image_size=size,
-                lr=params["finetune_lr"],
-                min_lr=0.0,
-                warmup_epochs=0,
-                rand_augment=0,
-                random_erasing=0.0,
-                crop_scale=params["finetune_crop_scale"],
-                batch_size=min(params["finetune_batch_size"], len(train_images)),
-            )
-            model, _ = checkpoints.load_model(Path(params["checkpoint"]))
-            model.set_image_size(size).to(device)
-            before = {name: weight.detach().clone() for name, weight in model.state_dict().items()}
-            finetune_losses = finetune(model, train_images, train_labels, config, params["finetune_steps"], device)
-            for step, loss in enumerate(finetune_losses):
-                tracker.scalar("fine-tune loss", f"train @ {size}", loss, step)
-            metrics["finetuned"] = split_metrics(model, images, labels, device, reference_correct)
-            interpolation = interpolate_finetune(model, before, valid_images, valid_labels, device)  # 6.
-            kept = chosen(interpolation)
-            print(f"share of the fine-tune's change kept, chosen on the validation split: {kept:.2f}")
-            metrics["finetuned_interpolated"] = split_metrics(model, images, labels, device, reference_correct)
-            result_model = model
-
-        table = pd.DataFrame(
-            [
-                {"variant": f"reference: trained size {native}", "image_size": native, **reference},
-                {"variant": "no resize", "image_size": size, "accuracy": None, "loss": None},
-                {"variant": "interpolated, bilinear", "image_size": size, **metrics["bilinear"]},
-                {"variant": "interpolated, bicubic", "image_size": size, **metrics["bicubic"]},
-                {
-                    "variant": f"bicubic, attention x{attention_scale:.2f}",
-                    "image_size": size,
-                    **metrics["bicubic_calibrated"],
-                },
-                {
-                    "variant": f"bicubic + fine-tuned {params['finetune_steps']} steps"
-                    if params["finetune_steps"] > 0
-                    else "bicubic + fine-tuned (skipped: --finetune-steps 0)",
-                    "image_size": size,
-                    **metrics.get("finetuned", NOT_RUN),
-                },
-                {
-                    "variant": f"fine-tuned, x{kept:.2f} of its change kept"
-                    if kept is not None
-                    else "fine-tuned, part of its change kept (skipped)",
-                    "image_size": size,
-                    **metrics.get("finetuned_interpolated", NOT_RUN),
-                },
-            ]
-        ).astype({"gained": "Int64", "lost": "Int64"})
-        print(table.to_string(index=False))
-        tracker.table("accuracy by variant", table)
-        shown = table.dropna(subset=["accuracy"])
-        figure = grouped_bars_figure(
-            list(shown["variant"]),
-            {"test accuracy": list(shown["accuracy"])},
-            "accuracy",
-            f"trained at {native}, evaluated at {size}",
-        )
-        figure.savefig(output_json.with_suffix(".png"), dpi=120)
-        tracker.figure("accuracy by variant", figure)
-        curves = {  # suffix: (curve, x axis, ClearML title, plot title)
-            "attention": (
-                calibration,
-                "attention logits multiplied by",
-                "attention scale",
-                f"bicubic at {size}, trained at {native}",
-            )
-        }
-        if interpolation is not None:
-            curves["interpolation"] = (
-                interpolation,
-                "share of the fine-tune's change kept",
-                "fine-tune kept",
-                f"fine-tuned at {size}, trained at {native}",
-            )
-        for suffix, (curve, xlabel, name, title) in curves.items():
-            figure = factor_figure(
-                list(curve["factor"]),
-                {"validation loss": list(curve["loss"]), "validation accuracy": list(curve["accuracy"])},
-                chosen(curve),
-                xlabel,
-                title,
-            )
-            figure.savefig(output_json.with_suffix(f".{suffix}.png"), dpi=120)
-            tracker.figure(f"{name} on the validation split", figure)
-        similarity = similarity_figure(
-            {f"trained ({native})": _patch_grid(trained), f"bicubic ({size})": _patch_grid(variants["bicubic"])}
-        )
-        similarity.savefig(output_json.with_suffix(".pos_embed.png"), dpi=100)
-        tracker.figure("position embedding similarity", similarity)
-
-        model_path = checkpoints.save_atomic(
-            {"model": result_model.state_dict(), "config": result_model.config, "classes": dataset.classes},
-            output_json.parent / f"model_{size}.pt",
-        )
-        model_id = tracker.model(model_path, f"vit {size}", result_model.config)
+        metrics = build_variants(resizing, images, labels, reference_correct)
         result = {
             "image_size": size,
-            "trained_image_size": native,
+            "trained_image_size": trained.image_size[0],
             "reference_accuracy": reference["accuracy"],
             "no_resize_error": no_resize_error,
-            **{f"test_accuracy_{name}": metrics.get(name, NOT_RUN)["accuracy"] for name in VARIANTS},
-            **{f"test_loss_{name}": metrics.get(name, NOT_RUN)["loss"] for name in VARIANTS},
-            "test_changes": {  # against the reference row, image by image
-                name: {key: variant[key] for key in ("gained", "lost", "mcnemar_p")}
-                for name, variant in metrics.items()
-            },
-            "attention_scale": attention_scale,
-            "attention_calibration": calibration.to_dict(orient="records"),
-            "finetune_losses": finetune_losses,
-            "finetune_kept": kept,
-            "finetune_interpolation": [] if interpolation is None else interpolation.to_dict(orient="records"),
-            "checkpoint": str(model_path),
-            "model_id": model_id,
-            "plots": [
-                str(output_json.with_suffix(suffix))
-                for suffix in (".png", *(f".{name}.png" for name in curves), ".pos_embed.png")
-            ],
+            **variant_results(metrics, resizing.found),
         }
+        table = accuracy_table(result, reference, metrics)
+        print(table.to_string(index=False))
+        tracker.table("accuracy by variant", table)
+        plots = report_figures(result, table, resizing, output_json)
+
+        kept = resizing.built.get("finetuned_interpolated", resizing.built["bicubic"])  # the fine-tuned, else bicubic
+        model_path = checkpoints.save_atomic(
+            {"model": kept.state_dict(), "config": kept.config, "classes": dataset.classes},
+            output_json.parent / f"model_{size}.pt",
+        )
+        model_id = tracker.model(model_path, f"vit {size}", kept.config)
+        result.update(checkpoint=str(model_path), model_id=model_id, plots=plots)
         tracker.artifact("metrics", {k: v for k, v in result.items() if k not in ("finetune_losses", "plots")})
     result["clearml"] = tracker.session
     write_json(result, output_json)

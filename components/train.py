@@ -21,8 +21,9 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,8 +34,8 @@ from tqdm import tqdm
 from components import checkpoints
 from components.atomic import write_json
 from components.augment import Draws, augment, batch_draws, draw, epoch_batches, len_epoch, mix, on_device
-from components.data import DataError, decode_split, from_input, resolve
-from components.devices import pick_device
+from components.data import DataError, DataVersion, decode_split, from_input, resolve
+from components.devices import mixed_precision, pick_device
 from components.evaluate import correct, predict
 from components.plots import curves_figure, image_grid_figure
 from components.presets import TrainConfig, add_override_flags, overrides_from, preset
@@ -262,6 +263,286 @@ def update_average(average: ViT, model: ViT, decay: float, step: int) -> None:
     get_ema_multi_avg_fn(warmed_up)(list(average.parameters()), list(model.parameters()), None)
 
 
+class Splits(NamedTuple):
+    """The training and validation images (N, H, W, 3) and labels, on the training device for the
+    whole run: the augmentation runs there, resampling the training images to each training size."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    valid_images: torch.Tensor
+    valid_labels: torch.Tensor
+
+
+def decoded_splits(dataset: DataVersion, config: TrainConfig, device: torch.device) -> Splits:
+    train_split = decode_split(dataset, "train", max(training_sizes(config)))
+    valid_split = decode_split(dataset, "valid", config.image_size)
+    return Splits(*(torch.from_numpy(array).to(device) for array in (*train_split, *valid_split)))
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds and a resume restores: the settings, the classes and data version
+    trained on, the model, its optimizer, the weight average (None without ``ema_decay``), the
+    validation history, the best validated weights (``{"model", "epoch"}``) and the number of
+    epochs trained. `to_checkpoint`, `saved` and `from_checkpoint` are the one place that knows
+    the layout of ``checkpoints/best.pt`` and ``checkpoints/last.pt``."""
+
+    BEST, LAST = "best.pt", "last.pt"
+
+    config: TrainConfig
+    classes: list[str]
+    data_version: str
+    model: ViT
+    optimizer: torch.optim.Optimizer
+    average: ViT | None
+    history: dict = field(
+        default_factory=lambda: {
+            "epoch": [],
+            "train_loss": [],
+            "train_accuracy": [],
+            "val_loss": [],
+            "val_accuracy": [],
+        }
+    )
+    best: dict = field(default_factory=dict)
+    epoch: int = 0  # epochs trained: the next one to train, from 0
+
+    @classmethod
+    def start(cls, config: TrainConfig, classes: list[str], data_version: str, device: torch.device) -> TrainingState:
+        """A fresh model, seeded by ``config.seed``, its AdamW and, with ``ema_decay``, its average."""
+        torch.manual_seed(config.seed)
+        model = build_model(config, len(classes)).to(device)
+        optimizer = build_optimizer(model, config, device)
+        average = copy.deepcopy(model).requires_grad_(False) if config.ema_decay else None
+        return cls(config, classes, data_version, model, optimizer, average)
+
+    @classmethod
+    def saved(cls, folder: Path, config: TrainConfig) -> dict | None:
+        """The last checkpoint in ``folder`` for ``--resume``, None (with a note) when there is
+        none; refused when it was trained with other settings than ``config``."""
+        path = folder / cls.LAST
+        if not path.is_file():
+            print(f"--resume: no checkpoint at {path}, starting from scratch")
+            return None
+        saved = checkpoints.load(path)
+        if saved["train_config"] != asdict(config):
+            raise ValueError(
+                f"--resume: {path} was trained with other settings; resume with the same preset and "
+                f"overrides, or train into another --output. Saved: {saved['train_config']}"
+            )
+        return saved
+
+    @classmethod
+    def from_checkpoint(
+        cls, saved: dict, config: TrainConfig, classes: list[str], data_version: str, device: torch.device
+    ) -> TrainingState:
+        """The state as it was when the checkpoint `saved` read was written."""
+        state = cls.start(config, classes, data_version, device)
+        state.model.load_state_dict(saved["model"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+        if state.average is not None:
+            state.average.load_state_dict(saved["average"])
+        state.history, state.best, state.epoch = saved["history"], saved["best"], saved["epoch"] + 1
+        return state
+
+    @property
+    def validated(self) -> ViT:
+        """With an average of the weights, it is what is validated and kept as the best model."""
+        return self.model if self.average is None else self.average
+
+    def to_checkpoint(self) -> dict[str, dict]:
+        """best.pt (the best validated weights, loadable by `checkpoints.load_model`) and last.pt
+        (everything a resume needs), by file name."""
+        described = {"config": self.model.config, "classes": self.classes}
+        return {
+            self.BEST: {**self.best, **described},
+            self.LAST: {
+                "model": self.model.state_dict(),
+                **described,
+                "optimizer": self.optimizer.state_dict(),
+                "average": None if self.average is None else self.average.state_dict(),
+                "epoch": self.epoch - 1,
+                "history": self.history,
+                "best": self.best,
+                "train_config": asdict(self.config),
+                "data_version": self.data_version,
+            },
+        }
+
+
+class Loop:
+    """The training loop's bookkeeping around a `TrainingState`: the step and the schedule's
+    length, each epoch's summed loss and correct images (on the device), the numbers on their way
+    back to the host, the progress bar, the stopwatch, the throughput's timing and the checkpoint
+    writer into ``folder``."""
+
+    def __init__(self, state: TrainingState, n_train: int, device: torch.device, tracker, folder: Path):
+        self.config, self.device, self.tracker, self.folder = state.config, device, tracker, folder
+        config = state.config
+        self.steps_per_epoch = len_epoch(n_train, config.batch_size)
+        self.total_steps, self.step = config.epochs * self.steps_per_epoch, state.epoch * self.steps_per_epoch
+        self.first_epoch = self.unreported_from = state.epoch
+        self.autocast = mixed_precision(device)
+        self.progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        # Loss and correct predictions summed per epoch on the device, read with the validations.
+        self.epoch_sums = torch.zeros(config.epochs, 2, device=device)
+        self.step_losses, self.validations = DeviceScalars(device), DeviceScalars(device)
+        self.window_start, self.window_images = time.perf_counter(), 0
+        self.saved_at, self.timed_from = time.monotonic(), None
+        self.stopwatch = Stopwatch()
+        self.writer = checkpoints.CheckpointWriter()
+
+    def after_step(self, state: TrainingState, loss: torch.Tensor, lr: float, n_images: int) -> None:
+        """Counts the step, queues its loss every ``log_every`` steps and reports what has arrived."""
+        self.step += 1
+        self.window_images += n_images
+        self.progress.update()
+        if self.step % self.config.log_every == 0:
+            elapsed = time.perf_counter() - self.window_start
+            self.step_losses.push(loss, step=self.step, lr=lr, images_per_second=self.window_images / elapsed)
+            self.window_start, self.window_images = time.perf_counter(), 0
+        self.report_losses()
+        self.record_validations(state)
+
+    def report_losses(self, wait: bool = False) -> None:
+        for value, logged in self.step_losses.arrived(wait=wait):
+            report_step(self.tracker, self.progress, value, **logged)
+
+    def record_validations(self, state: TrainingState, wait: bool = False) -> None:
+        for measured, along in self.validations.arrived(wait=wait):
+            line = record_validation(measured, history=state.history, best=state.best, tracker=self.tracker, **along)
+            self.progress.write(line)
+
+    def save(self, files: dict[str, dict]) -> None:
+        self.writer.save({self.folder / name: payload for name, payload in files.items()})
+        self.saved_at = time.monotonic()
+
+    def start_timing_once(self) -> None:
+        """Throughput is timed after the first epoch (compilation), from an idle GPU: the steps of
+        that epoch still queued would otherwise count as timed."""
+        if self.timed_from is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.timed_from = time.perf_counter()
+            self.stopwatch.restart()
+
+    def close(self) -> float | None:
+        """Reports the losses still on their way, waits until the last checkpoints are on disk and
+        returns the images/s since the first epoch (None when there was no later one)."""
+        self.report_losses(wait=True)
+        self.progress.close()
+        config = self.config
+        timed_epochs = config.epochs - self.first_epoch - 1
+        throughput = (
+            timed_epochs * self.steps_per_epoch * config.batch_size / (time.perf_counter() - self.timed_from)
+            if (self.timed_from and timed_epochs > 0)
+            else None
+        )
+        if throughput:
+            shares = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.stopwatch.seconds.most_common())
+            print(f"after the first epoch: {throughput:.0f} images/s; the loop's time went to {shares}")
+        self.writer.wait()
+        return throughput
+
+
+def train_epoch(state: TrainingState, forward: Callable, splits: Splits, loop: Loop) -> None:
+    """Trains epoch ``state.epoch`` on augmentations drawn for it, then counts it as trained."""
+    config, epoch = state.config, state.epoch
+    torch.manual_seed(config.seed * 10_007 + epoch)  # dropout, drop path, erasing, mixup: per epoch
+    batches = epoch_batches(len(splits.train_images), config, epoch, loop.device)
+    loop.stopwatch.lap("drawing the augmentation")
+    state.model.train()  # a validation leaves it in eval mode
+    for batch in batches:
+        lr = learning_rate(config, loop.step, loop.total_steps, loop.steps_per_epoch)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        images, labels, targets = batch_inputs(
+            splits.train_images, splits.train_labels, batch, config, len(state.classes)
+        )
+        loss, logits = optimization_step(forward, state.model, state.optimizer, images, targets, config, loop.autocast)
+        if state.average is not None:
+            update_average(state.average, state.model, config.ema_decay, loop.step)
+        loop.epoch_sums[epoch, 0] += loss.detach()
+        loop.epoch_sums[epoch, 1] += (logits.argmax(-1) == labels).sum()
+        loop.after_step(state, loss, lr, len(labels))
+        loop.stopwatch.lap("training steps")
+    state.epoch += 1
+
+
+def validate_and_checkpoint(state: TrainingState, splits: Splits, loop: Loop) -> None:
+    """After every ``validate_every``-th epoch and the last: a validation of the validated weights,
+    read back once it has arrived (on a GPU a few steps on: the host goes on queueing steps); when
+    a checkpoint is due (the last epoch, or ``checkpoint_minutes`` since the previous one) every
+    validation is waited for and best.pt and last.pt are written in the background."""
+    config = state.config
+    last_epoch = state.epoch == config.epochs
+    if state.epoch % config.validate_every == 0 or last_epoch:
+        trained_steps = (state.epoch - loop.unreported_from) * loop.steps_per_epoch
+        trained_sums = loop.epoch_sums[loop.unreported_from : state.epoch]
+        loop.validations.push(
+            measure_validation(
+                state.validated, splits.valid_images, splits.valid_labels, trained_sums, config.batch_size
+            ),
+            divisors=(1, len(splits.valid_labels), trained_steps, trained_steps * config.batch_size),
+            epoch=state.epoch - 1,
+            epochs=config.epochs,
+            weights={k: v.detach().clone() for k, v in state.validated.state_dict().items()},
+        )
+        loop.unreported_from = state.epoch
+        checkpoint_due = last_epoch or time.monotonic() - loop.saved_at >= config.checkpoint_minutes * 60
+        loop.record_validations(state, wait=checkpoint_due)  # a checkpoint holds them all
+        if checkpoint_due:
+            loop.save(state.to_checkpoint())
+    loop.stopwatch.lap("validation and checkpoints")
+
+
+def show_augmented_sample(tracker, splits: Splits, classes: list[str], config: TrainConfig) -> None:
+    """Reports the first images of epoch 0 as training will see them, before mixing."""
+    shown = np.arange(min(16, len(splits.train_images)))
+    draws = batch_draws(draw(len(splits.train_images), config, 0), shown)
+    sample = on_device([draws], splits.train_images.device)[0]
+    sample_images = from_input(augment(splits.train_images, sample, size=config.image_size))
+    sample_classes = [classes[i] for i in splits.train_labels[sample.index].tolist()]
+    tracker.figure("augmented training images", image_grid_figure(sample_images, sample_classes))
+
+
+def finish(state: TrainingState, loop: Loop, tracker, output: Path, preset_name: str) -> dict:
+    """Once the loop is done: the throughput, the training curves, the best model registered and
+    the history as an artifact; returns `train`'s result."""
+    throughput = loop.close()
+    history = state.history
+    figure = curves_figure(
+        {
+            "train loss": history["train_loss"],
+            "valid loss": history["val_loss"],
+            "valid accuracy": history["val_accuracy"],
+        },
+        "epoch",
+        "value",
+        x=history["epoch"],
+    )
+    figure.savefig(output / "curves.png", dpi=120)
+    tracker.figure("training curves", figure)
+    best_path = loop.folder / TrainingState.BEST
+    model_id = tracker.model(best_path, f"vit {preset_name} best", state.model.config)
+    tracker.artifact("history", history)
+    return {
+        "checkpoint": str(best_path),
+        "last_checkpoint": str(loop.folder / TrainingState.LAST),
+        "image_size": state.config.image_size,
+        "epochs": history["epoch"],
+        "train_loss": history["train_loss"],
+        "val_accuracy": history["val_accuracy"],
+        "val_loss": history["val_loss"],
+        "images_per_second": throughput,
+        "seconds_by_phase": dict(loop.stopwatch.seconds),
+        "classes": state.classes,
+        "data_version": state.data_version,
+        "model_id": model_id,
+        "plots": [str(output / "curves.png")],
+    }
+
+
 def train(data: str, preset_name: str, output: Path, resume: bool = False, device: str = "auto", **overrides) -> dict:
     """Trains and returns ``{"checkpoint" (best.pt), "last_checkpoint", "image_size", "epochs"
     (those that ended in a validation), "train_loss" (mean since the previous validation),
@@ -279,178 +560,27 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             f"note: training at {config.train_sizes} for a model of size {config.image_size}; "
             f"--train-sizes {config.image_size} trains at that size alone"
         )
-    last_path, best_path = output / "checkpoints" / "last.pt", output / "checkpoints" / "best.pt"
-    state = checkpoints.load(last_path) if resume and last_path.is_file() else None
-    if resume and state is None:
-        print(f"--resume: no checkpoint at {last_path}, starting from scratch")
-    if state is not None and state["train_config"] != asdict(config):
-        raise ValueError(
-            f"--resume: {last_path} was trained with other settings; resume with the same preset and "
-            f"overrides, or train into another --output. Saved: {state['train_config']}"
-        )
+    folder = output / "checkpoints"
+    saved = TrainingState.saved(folder, config) if resume else None
 
     with open_task("train", "training", output, title=f"train {preset_name}") as tracker:
         params = tracker.connect({"data": data, "preset": preset_name, **asdict(config)})
         config = TrainConfig(**{k: v for k, v in params.items() if k not in ("data", "preset")})
         dataset = resolve(params["data"])
-        classes = dataset.classes
-        train_images, train_labels = (
-            torch.from_numpy(array).to(device) for array in decode_split(dataset, "train", max(training_sizes(config)))
-        )  # on the device for the whole run: its augmentation runs there, resampling to each training size
-        valid_images, valid_labels = decode_split(dataset, "valid", config.image_size)
-
-        torch.manual_seed(config.seed)
-        model = build_model(config, len(classes)).to(device)
-        optimizer = build_optimizer(model, config, device)
-        # With an average of the weights, it is what is validated and kept as the best model.
-        average = copy.deepcopy(model).requires_grad_(False) if config.ema_decay else None
-        validated = model if average is None else average
-        history = {"epoch": [], "train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": []}
-        first_epoch, best = 0, {}
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if average is not None:
-                average.load_state_dict(state["average"])
-            history, first_epoch, best = state["history"], state["epoch"] + 1, state["best"]
-            print(f"resuming {last_path} after epoch {first_epoch}")
-        forward = compiled(model, config, device)
-
-        if first_epoch == 0:
-            shown = np.arange(min(16, len(train_images)))
-            sample = on_device([batch_draws(draw(len(train_images), config, 0), shown)], device)[0]
-            sample_images = from_input(augment(train_images, sample, size=config.image_size))
-            sample_classes = [classes[i] for i in train_labels[sample.index].tolist()]
-            tracker.figure("augmented training images", image_grid_figure(sample_images, sample_classes))
-
-        valid_images, valid_labels = (torch.from_numpy(array).to(device) for array in (valid_images, valid_labels))
-        steps_per_epoch = len_epoch(len(train_images), config.batch_size)
-        total_steps, step = config.epochs * steps_per_epoch, first_epoch * steps_per_epoch
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-        # Loss and correct predictions summed per epoch on the device, read with the validations.
-        epoch_sums = torch.zeros(config.epochs, 2, device=device)
-        step_losses, validations = DeviceScalars(device), DeviceScalars(device)
-        unreported_from = first_epoch
-        window_start, window_images = time.perf_counter(), 0
-        saved_at, timed_from = time.monotonic(), None
-        stopwatch = Stopwatch()
-        writer = checkpoints.CheckpointWriter()
-        model.train()
-        for epoch in range(first_epoch, config.epochs):
-            torch.manual_seed(config.seed * 10_007 + epoch)  # dropout, drop path, erasing, mixup: per epoch
-            batches = epoch_batches(len(train_images), config, epoch, device)
-            stopwatch.lap("drawing the augmentation")
-            for batch in batches:
-                lr = learning_rate(config, step, total_steps, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images, labels, targets = batch_inputs(train_images, train_labels, batch, config, len(classes))
-                loss, logits = optimization_step(forward, model, optimizer, images, targets, config, autocast)
-                if average is not None:
-                    update_average(average, model, config.ema_decay, step)
-                epoch_sums[epoch, 0] += loss.detach()
-                epoch_sums[epoch, 1] += (logits.argmax(-1) == labels).sum()
-                step += 1
-                window_images += len(labels)
-                progress.update()
-                if step % config.log_every == 0:
-                    elapsed = time.perf_counter() - window_start
-                    step_losses.push(loss, step=step, lr=lr, images_per_second=window_images / elapsed)
-                    window_start, window_images = time.perf_counter(), 0
-                for value, logged in step_losses.arrived():
-                    report_step(tracker, progress, value, **logged)
-                for measured, along in validations.arrived():
-                    progress.write(record_validation(measured, history=history, best=best, tracker=tracker, **along))
-                stopwatch.lap("training steps")
-
-            last_epoch = epoch + 1 == config.epochs
-            if (epoch + 1) % config.validate_every == 0 or last_epoch:
-                # Read back once it has arrived, on a GPU a few steps on: the host goes on queueing steps.
-                trained_steps = (epoch + 1 - unreported_from) * steps_per_epoch
-                trained_sums = epoch_sums[unreported_from : epoch + 1]
-                validations.push(
-                    measure_validation(validated, valid_images, valid_labels, trained_sums, config.batch_size),
-                    divisors=(1, len(valid_labels), trained_steps, trained_steps * config.batch_size),
-                    epoch=epoch,
-                    epochs=config.epochs,
-                    weights={k: v.detach().clone() for k, v in validated.state_dict().items()},
-                )
-                model.train()
-                unreported_from = epoch + 1
-                checkpoint_due = last_epoch or time.monotonic() - saved_at >= config.checkpoint_minutes * 60
-                for measured, along in validations.arrived(wait=checkpoint_due):  # a checkpoint holds them all
-                    progress.write(record_validation(measured, history=history, best=best, tracker=tracker, **along))
-                if checkpoint_due:
-                    writer.save(
-                        {
-                            best_path: {**best, "config": model.config, "classes": classes},
-                            last_path: {
-                                "model": model.state_dict(),
-                                "config": model.config,
-                                "classes": classes,
-                                "optimizer": optimizer.state_dict(),
-                                "average": None if average is None else average.state_dict(),
-                                "epoch": epoch,
-                                "history": history,
-                                "best": best,
-                                "train_config": asdict(config),
-                                "data_version": dataset.version,
-                            },
-                        }
-                    )
-                    saved_at = time.monotonic()
-            stopwatch.lap("validation and checkpoints")
-            if epoch == first_epoch:
-                # Throughput is timed after the first epoch (compilation), from an idle GPU: the
-                # steps of that epoch still queued would otherwise count as timed.
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                timed_from = time.perf_counter()
-                stopwatch.restart()
-        for value, logged in step_losses.arrived(wait=True):
-            report_step(tracker, progress, value, **logged)
-        progress.close()
-        timed_epochs = config.epochs - first_epoch - 1
-        throughput = (
-            timed_epochs * steps_per_epoch * config.batch_size / (time.perf_counter() - timed_from)
-            if (timed_from and timed_epochs > 0)
-            else None
-        )
-        if throughput:
-            shares = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in stopwatch.seconds.most_common())
-            print(f"after the first epoch: {throughput:.0f} images/s; the loop's time went to {shares}")
-        writer.wait()  # the last checkpoints are on disk
-
-        figure = curves_figure(
-            {
-                "train loss": history["train_loss"],
-                "valid loss": history["val_loss"],
-                "valid accuracy": history["val_accuracy"],
-            },
-            "epoch",
-            "value",
-            x=history["epoch"],
-        )
-        figure.savefig(output / "curves.png", dpi=120)
-        tracker.figure("training curves", figure)
-        model_id = tracker.model(best_path, f"vit {preset_name} best", model.config)
-        tracker.artifact("history", history)
-        result = {
-            "checkpoint": str(best_path),
-            "last_checkpoint": str(last_path),
-            "image_size": config.image_size,
-            "epochs": history["epoch"],
-            "train_loss": history["train_loss"],
-            "val_accuracy": history["val_accuracy"],
-            "val_loss": history["val_loss"],
-            "images_per_second": throughput,
-            "seconds_by_phase": dict(stopwatch.seconds),
-            "classes": classes,
-            "data_version": dataset.version,
-            "model_id": model_id,
-            "plots": [str(output / "curves.png")],
-        }
+        splits = decoded_splits(dataset, config, device)
+        if saved is None:
+            state = TrainingState.start(config, dataset.classes, dataset.version, device)
+            show_augmented_sample(tracker, splits, dataset.classes, config)
+        else:
+            state = TrainingState.from_checkpoint(saved, config, dataset.classes, dataset.version, device)
+            print(f"resuming {folder / TrainingState.LAST} after epoch {state.epoch}")
+        forward = compiled(state.model, config, device)
+        loop = Loop(state, len(splits.train_images), device, tracker, folder)
+        while state.epoch < config.epochs:
+            train_epoch(state, forward, splits, loop)
+            validate_and_checkpoint(state, splits, loop)
+            loop.start_timing_once()
+        result = finish(state, loop, tracker, output, preset_name)
     result["clearml"] = tracker.session
     write_json(result, output / "train.json")
     return result

@@ -20,6 +20,7 @@ from components.highres import (
     logit_metrics,
     mcnemar_p,
     split_metrics,
+    summary_part,
 )
 from tests.conftest import FASHION_ZIP
 
@@ -164,3 +165,24 @@ def test_a_finetune_crop_scale_outside_0_1_is_refused_before_any_work(tmp_path, 
     with pytest.raises(ValueError, match=rf"--finetune-crop-scale must be in \(0, 1\].*got {scale}"):
         highres(tmp_path / "missing.pt", "no-data", tmp_path / "h.json", finetune_crop_scale=scale, device="cpu")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("finetuned", [True, False], ids=["finetuned", "skipped"])
+def test_the_summary_part_keeps_each_variants_accuracy_and_what_its_label_reads(finetuned):
+    result = {  # a highres result's shape, with more than the summary keeps
+        "image_size": 384,
+        "trained_image_size": 224,
+        "attention_scale": 1.25,
+        "finetune_kept": 0.75 if finetuned else None,
+        "finetune_losses": [2.0, 1.0] if finetuned else [],
+        **{f"test_accuracy_{name}": 0.5 for name in VARIANTS},
+        **{f"test_loss_{name}": 1.0 for name in VARIANTS},
+    }
+    if not finetuned:
+        result["test_accuracy_finetuned"] = result["test_accuracy_finetuned_interpolated"] = None
+    part = summary_part(result)
+    assert set(part) == {"image_size", "attention_scale", "finetune_kept"} | {f"test_accuracy_{n}" for n in VARIANTS}
+    labels = [variant.label(part) for variant in VARIANTS.values()]
+    assert labels == [variant.label(result) for variant in VARIANTS.values()] and len(set(labels)) == len(VARIANTS)
+    assert ("x0.75 of its change kept" in labels[-1]) == finetuned and ("skipped" in labels[-2]) != finetuned
+    assert [variant.accuracy(part) for variant in VARIANTS.values()][:3] == [0.5] * 3
