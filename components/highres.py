@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from components import checkpoints
 from components.atomic import write_json
+from components.attention_maps import attention_figure, attention_sample
 from components.augment import augment, endless_batches
 from components.data import DataError, decode_split, resolve, to_input
 from components.devices import pick_device
@@ -324,6 +325,14 @@ def highres(
         )
         similarity.savefig(output_json.with_suffix(".pos_embed.png"), dpi=100)
         tracker.figure("position embedding similarity", similarity)
+        sample = attention_sample(native_labels, native_logits.argmax(1).numpy())  # the images evaluate shows
+        views = {
+            f"trained size {native}": (trained, native_images[sample]),
+            f"bicubic {size}": (variants["bicubic"], images[sample]),
+        }
+        figure = attention_figure(views, labels[sample], dataset.classes)
+        figure.savefig(output_json.with_suffix(".attention_maps.png"), dpi=100)
+        tracker.figure("attention maps", figure)
 
         model_path = checkpoints.save_atomic(
             {"model": result_model.state_dict(), "config": result_model.config, "classes": dataset.classes},
@@ -350,7 +359,7 @@ def highres(
             "model_id": model_id,
             "plots": [
                 str(output_json.with_suffix(suffix))
-                for suffix in (".png", *(f".{name}.png" for name in curves), ".pos_embed.png")
+                for suffix in (".png", *(f".{name}.png" for name in curves), ".pos_embed.png", ".attention_maps.png")
             ],
         }
         tracker.artifact("metrics", {k: v for k, v in result.items() if k not in ("finetune_losses", "plots")})
