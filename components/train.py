@@ -36,6 +36,7 @@ from components.augment import Draws, augment, batch_draws, draw, epoch_batches,
 from components.data import DataError, decode_split, from_input, resolve
 from components.devices import pick_device
 from components.evaluate import correct, predict
+from components.init_weights import initial_weights
 from components.plots import curves_figure, image_grid_figure
 from components.presets import TrainConfig, add_override_flags, overrides_from, preset
 from components.tracking import open_task
@@ -293,6 +294,8 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
     with open_task("train", "training", output, title=f"train {preset_name}") as tracker:
         params = tracker.connect({"data": data, "preset": preset_name, **asdict(config)})
         config = TrainConfig(**{k: v for k, v in params.items() if k not in ("data", "preset")})
+        architecture = {**_architecture(config), "image_size": config.image_size}
+        initial = initial_weights(config.init, architecture) if config.init and state is None else None
         dataset = resolve(params["data"])
         classes = dataset.classes
         train_images, train_labels = (
@@ -302,6 +305,11 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
 
         torch.manual_seed(config.seed)
         model = build_model(config, len(classes)).to(device)
+        if initial is not None:  # all but the head, which stays fresh for the data's classes
+            model.load_state_dict({**model.state_dict(), **initial.state})
+            print(f"initial weights: {initial.description}")
+            if initial.model_id:
+                tracker.input_model(initial.model_id)
         optimizer = build_optimizer(model, config, device)
         # With an average of the weights, it is what is validated and kept as the best model.
         average = copy.deepcopy(model).requires_grad_(False) if config.ema_decay else None
@@ -465,7 +473,9 @@ def main(argv: list[str] | None = None) -> None:
         help="a zip, a folder in the headgear layout, a data version "
         "folder written by fetch_data, or (with a server) a ClearML Dataset id",
     )
-    parser.add_argument("--preset", default="smoke", help="smoke | cpu-10min | vit-ti16-224 (default: smoke)")
+    parser.add_argument(
+        "--preset", default="smoke", help="smoke | cpu-10min | vit-ti16-224 | finetune (default: smoke)"
+    )
     parser.add_argument("--output", type=Path, required=True, help="folder for checkpoints/, train.json, curves.png")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
