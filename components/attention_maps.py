@@ -93,7 +93,7 @@ def _overlay(axis, image: np.ndarray, attention: np.ndarray) -> None:
         vmin=0,
         vmax=1,
         alpha=0.55,
-        extent=(0, width, height, 0),
+        extent=(-0.5, width - 0.5, height - 0.5, -0.5),  # on the pixels imshow drew the image on
         interpolation="bilinear",
     )
     axis.axis("off")
