@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from components import checkpoints
 from components.atomic import write_json
+from components.attention_maps import attention_figure, attention_sample
 from components.data import DataError, decode_split, resolve, to_input
 from components.devices import mixed_precision, pick_device
 from components.plots import confusion_figure, image_grid_figure
@@ -121,6 +122,11 @@ def evaluate(
         if len(wrong):
             titles = [f"{classes[labels[i]]} -> {classes[predictions[i]]}" for i in wrong]
             tracker.figure("misclassified (true -> predicted)", image_grid_figure(images[wrong], titles))
+        sample = attention_sample(labels, predictions)
+        figure = attention_figure({f"at {size}": (model, images[sample])}, labels[sample], classes)
+        figure.savefig(output_json.with_suffix(".attention_maps.png"), dpi=100)
+        tracker.figure("attention maps", figure)
+        result["plots"].append(str(output_json.with_suffix(".attention_maps.png")))
         tracker.artifact("metrics", {k: v for k, v in result.items() if k not in ("per_class", "plots")})
     result["clearml"] = tracker.session
     write_json(result, output_json)

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from components import checkpoints
 from components.atomic import write_json
+from components.attention_maps import attention_figure, attention_sample
 from components.augment import augment, endless_batches
 from components.data import DataError, DataVersion, decode_split, resolve, to_input
 from components.devices import mixed_precision, pick_device
@@ -376,12 +377,38 @@ def report_figures(result: dict, table: pd.DataFrame, resizing: Resizing, output
     return [str(output_json.with_suffix(suffix)) for suffix in figures]
 
 
-def measure_reference(trained: ViT, dataset: DataVersion, device: torch.device) -> tuple[dict, np.ndarray]:
-    """The reference: the trained model's accuracy and loss on the test split at its own size,
-    and which images it got right."""
+class Reference(NamedTuple):
+    """The trained model on the test split at its own size."""
+
+    metrics: dict  # accuracy and loss
+    correct: np.ndarray  # bool (N,): the images it got right
+    predictions: np.ndarray  # int (N,)
+    images: np.ndarray  # uint8 (N, S, S, 3) at the trained size
+
+
+def measure_reference(trained: ViT, dataset: DataVersion, device: torch.device) -> Reference:
+    """The reference row: the trained model at its own size, the accuracy every variant is held to."""
     images, labels = decode_split(dataset, "test", trained.image_size[0])
     logits = predict(trained.to(device), images, device)
-    return logit_metrics(logits, labels), correct(logits, labels).numpy()
+    return Reference(logit_metrics(logits, labels), correct(logits, labels).numpy(), logits.argmax(1).numpy(), images)
+
+
+def attention_comparison(
+    resizing: Resizing, reference: Reference, images: np.ndarray, labels: np.ndarray, output_json: Path
+) -> str:
+    """The attention maps of the images `evaluate` shows (the same seeded sample), at the trained
+    size and bicubic at the new one, side by side: whether the model still attends to the object
+    after the resize. Saved next to ``output_json`` and reported; returns its path."""
+    sample = attention_sample(labels, reference.predictions)
+    views = {
+        f"trained size {resizing.trained.image_size[0]}": (resizing.trained, reference.images[sample]),
+        f"bicubic {resizing.size}": (resizing.built["bicubic"], images[sample]),
+    }
+    figure = attention_figure(views, labels[sample], resizing.dataset.classes)
+    path = output_json.with_suffix(".attention_maps.png")
+    figure.savefig(path, dpi=100)
+    resizing.tracker.figure("attention maps", figure)
+    return str(path)
 
 
 def build_variants(
@@ -451,7 +478,7 @@ def highres(
         trained, saved = checkpoints.load_model(Path(params["checkpoint"]))
         dataset = resolve(params["data"])
         images, labels = decode_split(dataset, "test", size)
-        reference, reference_correct = measure_reference(trained, dataset, device)
+        reference = measure_reference(trained, dataset, device)
         no_resize_error = refusal(trained, images, device)
         print(f"no resize: {no_resize_error}")
 
@@ -460,18 +487,19 @@ def highres(
         resizing = Resizing(
             trained, size, dataset, valid_images, valid_labels, config, params["finetune_steps"], device, tracker
         )
-        metrics = build_variants(resizing, images, labels, reference_correct)
+        metrics = build_variants(resizing, images, labels, reference.correct)
         result = {
             "image_size": size,
             "trained_image_size": trained.image_size[0],
-            "reference_accuracy": reference["accuracy"],
+            "reference_accuracy": reference.metrics["accuracy"],
             "no_resize_error": no_resize_error,
             **variant_results(metrics, resizing.found),
         }
-        table = accuracy_table(result, reference, metrics)
+        table = accuracy_table(result, reference.metrics, metrics)
         print(table.to_string(index=False))
         tracker.table("accuracy by variant", table)
         plots = report_figures(result, table, resizing, output_json)
+        plots.append(attention_comparison(resizing, reference, images, labels, output_json))
 
         kept = resizing.built.get("finetuned_interpolated", resizing.built["bicubic"])  # the fine-tuned, else bicubic
         model_path = checkpoints.save_atomic(

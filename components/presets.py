@@ -35,6 +35,7 @@ class TrainConfig:
     validate_every: int = 1
     checkpoint_minutes: float = 1.0
     seed: int = 0
+    init: str = ""
 
 
 HELP = {
@@ -69,6 +70,9 @@ HELP = {
     "validate_every": "epochs between validations (the last epoch always validates); checkpoints follow them",
     "checkpoint_minutes": "least minutes between checkpoints (the last epoch always saves); 0: at every validation",
     "seed": "random seed: initialisation, data order, augmentation, dropout",
+    "init": "start from these weights instead of a random initialisation: timm:<model name> (pretrained, downloaded), "
+    "a file holding a timm VisionTransformer state dict or a checkpoint of this project, or a ClearML model id; "
+    "the head is new, the position embeddings are resized to --image-size; empty: from scratch",
 }
 
 
@@ -115,6 +119,27 @@ PRESETS: dict[str, TrainConfig] = {
         mixup_alpha=0.8,
         cutmix_alpha=1.0,
         validate_every=5,
+    ),
+    # ViT-Ti/16 at 224 fine-tuned from pretrained weights (timm's AugReg ViT-Ti/16, trained on
+    # ImageNet-21k and fine-tuned on ImageNet-1k; downloaded, so for a machine with the internet).
+    # Fine-tuning's short, gentle schedule: the ViT paper fine-tunes with SGD (momentum 0.9, no
+    # weight decay, a few thousand steps of cosine decay, learning rates 0.001 to 0.03); with this
+    # trainer's AdamW, a tenth of training's peak rate, one epoch of warm-up and 30 epochs, and
+    # no mixup or random erasing: pretrained features need less regularisation. No layer-wise
+    # learning-rate decay (BEiT's): nothing here measures it to pay.
+    "finetune": TrainConfig(
+        model="vit-ti16",
+        image_size=224,
+        init="timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+        epochs=30,
+        batch_size=128,
+        lr=1e-4,
+        min_lr=1e-6,
+        warmup_epochs=1,
+        weight_decay=0.05,
+        drop_path_rate=0.1,
+        crop_scale=0.35,
+        validate_every=1,
     ),
 }
 

@@ -121,6 +121,13 @@ class Tracker:
     def artifact(self, name: str, obj) -> None:
         self.task.upload_artifact(name, artifact_object=obj, wait_on_upload=True)
 
+    def input_model(self, model_id: str) -> None:
+        """Records a registered model (the initial weights) as an input of the task; the
+        ``init`` parameter, not this link, decides what a cloned task starts from."""
+        from clearml import InputModel
+
+        InputModel(model_id=model_id).connect(self.task, name="initial weights", ignore_remote_overrides=True)
+
     def model(self, path: Path, name: str, config: dict) -> str | None:
         """Registers weights: an ``OutputModel`` with a server (returns its id, which later
         steps resolve to a local copy), its labels those the checkpoint was trained on, its

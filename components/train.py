@@ -37,6 +37,7 @@ from components.augment import Draws, augment, batch_draws, draw, epoch_batches,
 from components.data import DataError, DataVersion, decode_split, from_input, resolve
 from components.devices import mixed_precision, pick_device
 from components.evaluate import correct, predict
+from components.init_weights import InitialWeights, initial_weights
 from components.plots import curves_figure, image_grid_figure
 from components.presets import TrainConfig, add_override_flags, overrides_from, preset
 from components.tracking import open_task
@@ -308,10 +309,21 @@ class TrainingState:
     epoch: int = 0  # epochs trained: the next one to train, from 0
 
     @classmethod
-    def start(cls, config: TrainConfig, classes: list[str], data_version: str, device: torch.device) -> TrainingState:
-        """A fresh model, seeded by ``config.seed``, its AdamW and, with ``ema_decay``, its average."""
+    def start(
+        cls,
+        config: TrainConfig,
+        classes: list[str],
+        data_version: str,
+        device: torch.device,
+        initial: InitialWeights | None = None,
+    ) -> TrainingState:
+        """A fresh model, seeded by ``config.seed`` (with ``initial``'s weights over all but the head,
+        which stays fresh for the data's classes), its AdamW and, with ``ema_decay``, its average."""
         torch.manual_seed(config.seed)
-        model = build_model(config, len(classes)).to(device)
+        model = build_model(config, len(classes))
+        if initial is not None:
+            model.load_state_dict({**model.state_dict(), **initial.state})
+        model = model.to(device)
         optimizer = build_optimizer(model, config, device)
         average = copy.deepcopy(model).requires_grad_(False) if config.ema_decay else None
         return cls(config, classes, data_version, model, optimizer, average)
@@ -566,10 +578,16 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
     with open_task("train", "training", output, title=f"train {preset_name}") as tracker:
         params = tracker.connect({"data": data, "preset": preset_name, **asdict(config)})
         config = TrainConfig(**{k: v for k, v in params.items() if k not in ("data", "preset")})
+        architecture = {**_architecture(config), "image_size": config.image_size}
+        initial = initial_weights(config.init, architecture) if config.init and saved is None else None
         dataset = resolve(params["data"])
         splits = decoded_splits(dataset, config, device)
         if saved is None:
-            state = TrainingState.start(config, dataset.classes, dataset.version, device)
+            state = TrainingState.start(config, dataset.classes, dataset.version, device, initial)
+            if initial is not None:
+                print(f"initial weights: {initial.description}")
+                if initial.model_id:
+                    tracker.input_model(initial.model_id)
             show_augmented_sample(tracker, splits, dataset.classes, config)
         else:
             state = TrainingState.from_checkpoint(saved, config, dataset.classes, dataset.version, device)
@@ -594,7 +612,9 @@ def main(argv: list[str] | None = None) -> None:
         help="a zip, a folder in the headgear layout, a data version "
         "folder written by fetch_data, or (with a server) a ClearML Dataset id",
     )
-    parser.add_argument("--preset", default="smoke", help="smoke | cpu-10min | vit-ti16-224 (default: smoke)")
+    parser.add_argument(
+        "--preset", default="smoke", help="smoke | cpu-10min | vit-ti16-224 | finetune (default: smoke)"
+    )
     parser.add_argument("--output", type=Path, required=True, help="folder for checkpoints/, train.json, curves.png")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -57,9 +59,52 @@ PATCH_WEIGHT = "projector.patch_embedder.proj.weight"  # ours (D, C p p); timm's
 
 def state_dict_from_timm(timm_model: nn.Module) -> dict[str, torch.Tensor]:
     """timm's parameters -> ours."""
-    state = _rename(timm_model.state_dict(), TIMM_TO_OURS)
+    return timm_state_to_ours(timm_model.state_dict())
+
+
+def timm_state_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm ``VisionTransformer``'s state dict -> ours."""
+    state = _rename(state, TIMM_TO_OURS)
     state[PATCH_WEIGHT] = state[PATCH_WEIGHT].flatten(1)
     return state
+
+
+TIMM_VARIANT_KEYS = {
+    "reg_token": "register tokens",
+    "norm_pre.weight": "a pre-norm before the blocks",
+    "fc_norm.weight": "an fc_norm after pooling",
+    "blocks.0.ls1.gamma": "layer scale",
+    "blocks.0.attn.q_norm.weight": "QK-norm",
+}
+
+
+def architecture_from_timm_state(state: dict[str, torch.Tensor]) -> dict:
+    """What a timm ``VisionTransformer``'s state dict says of its architecture: our
+    ``patch_size, in_channels, embed_dim, mlp_hidden_size, n_layers``, its ``attention_width``
+    (h d: the state holds no head count) and ``grid``, the square patch grid of its position
+    embeddings. Refuses the variants ``config_from_timm`` refuses."""
+    found = [name for key, name in TIMM_VARIANT_KEYS.items() if key in state]
+    found += [
+        name
+        for key, name in (("cls_token", "no class token"), ("pos_embed", "no position embedding"))
+        if key not in state
+    ]
+    if found:
+        raise ValueError(f"cannot convert this timm model, it has {', '.join(found)}")
+    embed_dim, in_channels, patch_size, _ = state["patch_embed.proj.weight"].shape
+    patches = state["pos_embed"].shape[1] - 1
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise ValueError(f"its {patches + 1} position embeddings are not a class token plus a square patch grid")
+    return dict(
+        patch_size=patch_size,
+        in_channels=in_channels,
+        embed_dim=embed_dim,
+        mlp_hidden_size=state["blocks.0.mlp.fc1.weight"].shape[0],
+        n_layers=len({key.split(".")[1] for key in state if key.startswith("blocks.")}),
+        attention_width=state["blocks.0.attn.qkv.weight"].shape[0] // 3,
+        grid=(side, side),
+    )
 
 
 def state_dict_to_timm(state: dict[str, torch.Tensor], patch_size: int) -> dict[str, torch.Tensor]:

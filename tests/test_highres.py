@@ -62,7 +62,7 @@ def test_highres_switches_the_grid_evaluates_and_finetuning_lowers_the_loss(smok
     for plot in result["plots"]:
         assert Path(plot).is_file()
     assert {Path(plot).name for plot in result["plots"]} == {
-        f"highres.{name}png" for name in ("", "attention.", "interpolation.", "pos_embed.")
+        f"highres.{name}png" for name in ("", "attention.", "attention_maps.", "interpolation.", "pos_embed.")
     }
     assert json.loads((tmp_path / "highres.json").read_text())["checkpoint"] == result["checkpoint"]
 
@@ -85,7 +85,7 @@ def test_highres_without_finetuning_reports_null(smoke_run, tmp_path):
     result = run_highres(smoke_run, tmp_path, image_size=64, finetune_steps=0)
     assert result["test_accuracy_finetuned"] is None and result["finetune_losses"] == []
     assert result["test_accuracy_finetuned_interpolated"] is None and result["finetune_kept"] is None
-    assert result["finetune_interpolation"] == [] and len(result["plots"]) == 3
+    assert result["finetune_interpolation"] == [] and len(result["plots"]) == 4
     assert len(result["attention_calibration"]) == 11 and 1.0 <= result["attention_scale"] <= 2.0
     assert checkpoints.load_model(result["checkpoint"])[0].projector.grid == (8, 8)
 
