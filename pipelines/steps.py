@@ -2,7 +2,9 @@
 
 Each function is self-contained (its imports inside), because in server mode ClearML copies
 its source into a generated script that an agent runs at the root of a fresh clone of the
-repository, after the script's own ``Task.init``: the component reports into that task, and
+repository (Python puts the script's folder, the clone's root, first on ``sys.path``, so
+``components`` imports from the clone), after the script's own ``Task.init``: the component
+reports into that task, and
 the script uploads what the step returns (an id or a result dict, never a path: the next
 step runs in another container). No ``from __future__`` import here: the script would place
 it after its own header, a SyntaxError. The local runner calls the same functions, one child
@@ -19,11 +21,8 @@ writes into ``outputs/`` of its own clone; the local runner passes the run folde
 
 
 def fetch_data_step(source: str, *, output: str = "outputs"):
-    import os
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, os.getcwd())
     from components.fetch_data import fetch_data
     from components.tracking import upload_plots
 
@@ -32,11 +31,8 @@ def fetch_data_step(source: str, *, output: str = "outputs"):
 
 
 def train_step(data: str, preset: str, epochs: int, seed: int, *, output: str = "outputs"):
-    import os
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, os.getcwd())
     from components.tracking import upload_plots
     from components.train import train
 
@@ -46,11 +42,8 @@ def train_step(data: str, preset: str, epochs: int, seed: int, *, output: str = 
 
 
 def evaluate_step(checkpoint: str, data: str, *, output: str = "outputs"):
-    import os
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, os.getcwd())
     from components.evaluate import evaluate
     from components.tracking import report_results, upload_plots
 
@@ -60,11 +53,8 @@ def evaluate_step(checkpoint: str, data: str, *, output: str = "outputs"):
 
 
 def highres_step(checkpoint: str, data: str, image_size: int, finetune_steps: int, *, output: str = "outputs"):
-    import os
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, os.getcwd())
     from components.highres import highres
     from components.tracking import report_results, upload_plots
 
@@ -81,11 +71,8 @@ def highres_step(checkpoint: str, data: str, image_size: int, finetune_steps: in
 
 
 def benchmark_step(sweep: str, *, output: str = "outputs"):
-    import os
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, os.getcwd())
     import torch
 
     from components.benchmark_attention import benchmark_attention
@@ -114,11 +101,8 @@ def summary_step(
     mode: str = "server",
     output: str = "outputs",
 ):
-    import os
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, os.getcwd())
     from components.tracking import download_plots
     from pipelines.summary import write_summary
 
