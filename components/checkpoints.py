@@ -3,7 +3,10 @@ atomically and read back with ``torch.load(..., weights_only=True)``."""
 
 from __future__ import annotations
 
+import io
+import pickle
 import threading
+import zipfile
 from pathlib import Path
 
 import torch
@@ -12,10 +15,18 @@ from components.atomic import atomic_path
 from model import ViT
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged or not one of this project's; the message says what to do."""
+
+
 def save_atomic(payload: dict, path: Path) -> Path:
-    """Writes beside ``path`` and renames: a killed run leaves the previous checkpoint intact."""
+    """Writes beside ``path`` and renames: a killed run leaves the previous checkpoint intact.
+    Serialised in memory first: torch.save's own writer reports a full disk only as
+    "unexpected pos", a plain file write says which file and why (`WriteError`)."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_path(path) as temporary:
-        torch.save(payload, temporary)
+        temporary.write_bytes(buffer.getbuffer())
     return Path(path)
 
 
@@ -75,14 +86,31 @@ def local_copy(reference: str | Path) -> Path:
         from clearml import InputModel
 
         return Path(InputModel(model_id=str(reference)).get_local_copy())
-    raise FileNotFoundError(f"no checkpoint at {path}; pass the .pt file that train wrote (see its train.json)")
+    raise CheckpointError(f"no checkpoint at {path}; pass the .pt file that train wrote (see its train.json)")
 
 
 def load(reference: str | Path) -> dict:
+    """A checkpoint's contents, read without running any code it might hold."""
     path = local_copy(reference)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not {"model", "config"} <= set(checkpoint):
-        raise ValueError(f"{path} is not a checkpoint of this project (it lacks 'model' and 'config')")
+    if not zipfile.is_zipfile(path):  # what torch.save writes; a cut-off file has lost its directory
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (damaged, cut off or another kind of file); pass a .pt file "
+            f"that train wrote (a damaged last.pt has best.pt beside it, or train into a new --output)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refuses objects other than tensors and plain values
+        raise CheckpointError(
+            f"{path} holds objects other than weights, which are not loaded (they could run code); pass a .pt "
+            f"file that train wrote"
+        ) from None
+    except RuntimeError as error:  # a damaged zip record
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(
+            f"{path} is damaged ({first_line}); use the best.pt beside it, or train into a new --output"
+        ) from None
+    if not isinstance(checkpoint, dict) or not {"model", "config"} <= set(checkpoint):
+        raise CheckpointError(f"{path} is not a checkpoint of this project (it lacks 'model' and 'config')")
     return checkpoint
 
 

@@ -250,21 +250,49 @@ def default_store() -> Path:
     return Path(os.environ.get("HEADGEAR_DATA_STORE", Path.home() / ".cache" / "headgear-vit" / "datasets"))
 
 
+KAGGLE = "kaggle"
+
+
+def check_source(source: str, allow_kaggle: bool = False) -> None:
+    """Raises a DataError in a fraction of a second when ``source`` cannot be used: neither an
+    existing zip archive, a folder in the headgear layout (raw or prepared), ``kaggle`` (where
+    ``allow_kaggle``: fetch_data downloads it) nor, with a ClearML server, a Dataset id."""
+    if str(source) == KAGGLE:
+        if allow_kaggle:
+            return
+        raise DataError(
+            "--data kaggle: this step takes data that is here already; fetch it first with "
+            "`python -m components.fetch_data --source kaggle --output DIR` (or run the pipeline) and pass the "
+            "data version folder it prints"
+        )
+    path = Path(source).expanduser()
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise DataError(f"{path} is a file but not a zip archive; pass the headgear .zip or a folder")
+    elif path.is_dir():
+        if not is_prepared(path):
+            find_root(path)
+    elif path.exists():
+        raise DataError(f"{path} is neither a file nor a folder; pass a zip or a folder in the headgear layout")
+    else:
+        from components.tracking import server_configured
+
+        if not server_configured():
+            raise DataError(
+                f"data source {source!r} is not a file or folder here; pass a zip or a folder in the headgear "
+                f"layout (or, with a ClearML server configured, a ClearML Dataset id)"
+            )
+
+
 def resolve(source: str, store: Path | None = None, strict: bool = False) -> DataVersion:
     """A zip, a folder (raw or prepared) or, with a ClearML server, a ClearML Dataset id."""
+    check_source(source)
     path = Path(source).expanduser()
     if path.exists():
         return prepare(path, store or default_store(), strict=strict)
-    from components.tracking import server_configured
+    from clearml import Dataset
 
-    if server_configured():
-        from clearml import Dataset
-
-        return prepare(Path(Dataset.get(dataset_id=source).get_local_copy()), store or default_store(), strict)
-    raise DataError(
-        f"data source {source!r} is not a file or folder here; pass a zip or a folder in the headgear "
-        f"layout (or, with a ClearML server configured, a ClearML Dataset id)"
-    )
+    return prepare(Path(Dataset.get(dataset_id=source).get_local_copy()), store or default_store(), strict)
 
 
 # --- decoded images ---------------------------------------------------------------------------

@@ -6,15 +6,15 @@ by content, reported to ClearML and, with a server, registered as a ClearML Data
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
 import tempfile
 from pathlib import Path
 
+from components import cli
 from components.atomic import write_json
-from components.data import DataError, DataVersion, resolve
+from components.data import DataError, DataVersion, check_source, resolve
 from components.plots import class_counts_figure
 from components.tracking import open_task
 
@@ -109,20 +109,20 @@ def fetch_data(source: str, output: Path, strict: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser("fetch_data", __doc__)
     parser.add_argument(
         "--source",
         default="kaggle",
         help="'kaggle' (needs Kaggle credentials), a local .zip or folder in the headgear layout, or (with a "
         "ClearML server) a ClearML Dataset id (default: kaggle)",
     )
-    parser.add_argument("--output", type=Path, required=True, help="folder for the data version and fetch_data.json")
+    parser.add_argument(
+        "--output", type=cli.output_folder, required=True, help="folder for the data version and fetch_data.json"
+    )
     parser.add_argument("--strict", action="store_true", help="fail on the first bad image instead of skipping it")
     args = parser.parse_args(argv)
-    try:
-        result = fetch_data(args.source, args.output, strict=args.strict)
-    except DataError as error:
-        parser.exit(2, f"fetch_data: error: {error}\n")
+    cli.run(parser, check_source, args.source, allow_kaggle=True)
+    result = cli.run(parser, fetch_data, args.source, args.output, strict=args.strict)
     print(f"data version {result['version']} at {result['path']}: {result['counts']}")
 
 

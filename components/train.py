@@ -14,7 +14,6 @@ arrived, so that a GPU always has steps queued.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import copy
 import functools
@@ -30,14 +29,14 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from components import checkpoints
+from components import checkpoints, cli
 from components.atomic import write_json
 from components.augment import Draws, augment, batch_draws, draw, epoch_batches, len_epoch, mix, on_device
-from components.data import DataError, decode_split, from_input, resolve
+from components.data import DataError, DataVersion, check_source, decode_split, from_input, resolve
 from components.devices import pick_device
 from components.evaluate import correct, predict
 from components.plots import curves_figure, image_grid_figure
-from components.presets import TrainConfig, add_override_flags, overrides_from, preset
+from components.presets import PRESETS, ConfigError, TrainConfig, add_override_flags, overrides_from, preset
 from components.tracking import open_task
 from model import ViT, model_config
 
@@ -70,7 +69,7 @@ def compile_mode(config: TrainConfig, device: torch.device) -> str:
     (`benchmarks/step_breakdown.py`, benchmarks/RESULTS.md)."""
     mode = ("reduce-overhead" if device.type == "cuda" else "off") if config.compile == "auto" else config.compile
     if mode not in COMPILE_MODES:
-        raise ValueError(f"--compile {config.compile!r}: choose auto or one of {', '.join(COMPILE_MODES)}")
+        raise ConfigError(f"--compile {config.compile!r}: choose auto or one of {', '.join(COMPILE_MODES)}")
     return mode
 
 
@@ -234,12 +233,12 @@ def training_sizes(config: TrainConfig) -> tuple[int, ...]:
     try:
         sizes = tuple(int(size) for size in config.train_sizes.split(",")) if config.train_sizes.strip() else ()
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"--train-sizes {config.train_sizes!r}: give image sizes separated by commas, e.g. {example}"
         ) from None
     wrong = [size for size in sizes if size <= 0 or size % patch_size]
     if wrong:
-        raise ValueError(
+        raise ConfigError(
             f"--train-sizes {config.train_sizes!r}: {', '.join(map(str, wrong))} is not a positive multiple of "
             f"the patch size {patch_size}; e.g. {example}"
         )
@@ -263,6 +262,18 @@ def update_average(average: ViT, model: ViT, decay: float, step: int) -> None:
     get_ema_multi_avg_fn(warmed_up)(list(average.parameters()), list(model.parameters()), None)
 
 
+def check_same_data(state: dict, dataset: DataVersion, checkpoint: Path) -> None:
+    """A resumed run must go on with the images it was trained on: other classes cannot load
+    into its head, and other images of the same classes would silently make it another run."""
+    trained_on = state.get("data_version"), state.get("classes")
+    if trained_on != (dataset.version, dataset.classes):
+        raise DataError(
+            f"--resume: {checkpoint} was trained on data version {trained_on[0]} with the classes {trained_on[1]}, "
+            f"--data is version {dataset.version} with {dataset.classes}; resume with the data it was trained on, "
+            f"or train into a new --output"
+        )
+
+
 def train(data: str, preset_name: str, output: Path, resume: bool = False, device: str = "auto", **overrides) -> dict:
     """Trains and returns ``{"checkpoint" (best.pt), "last_checkpoint", "image_size", "epochs"
     (those that ended in a validation), "train_loss" (mean since the previous validation),
@@ -272,6 +283,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
     files are written meanwhile), "classes", "data_version", "model_id" (with a server),
     "plots", "clearml"}``; also written to ``output/train.json``."""
     output = Path(output)
+    check_source(data)
     config = preset(preset_name, **overrides)
     device = pick_device(device)
     compile_mode(config, device)  # a wrong --compile or --train-sizes fails before any work
@@ -285,7 +297,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
     if resume and state is None:
         print(f"--resume: no checkpoint at {last_path}, starting from scratch")
     if state is not None and state["train_config"] != asdict(config):
-        raise ValueError(
+        raise ConfigError(
             f"--resume: {last_path} was trained with other settings; resume with the same preset and "
             f"overrides, or train into another --output. Saved: {state['train_config']}"
         )
@@ -294,6 +306,8 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         params = tracker.connect({"data": data, "preset": preset_name, **asdict(config)})
         config = TrainConfig(**{k: v for k, v in params.items() if k not in ("data", "preset")})
         dataset = resolve(params["data"])
+        if state is not None:
+            check_same_data(state, dataset, last_path)
         classes = dataset.classes
         train_images, train_labels = (
             torch.from_numpy(array).to(device) for array in decode_split(dataset, "train", max(training_sizes(config)))
@@ -458,25 +472,25 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser("train", __doc__)
     parser.add_argument(
         "--data",
         required=True,
         help="a zip, a folder in the headgear layout, a data version "
         "folder written by fetch_data, or (with a server) a ClearML Dataset id",
     )
-    parser.add_argument("--preset", default="smoke", help="smoke | cpu-10min | vit-ti16-224 (default: smoke)")
-    parser.add_argument("--output", type=Path, required=True, help="folder for checkpoints/, train.json, curves.png")
+    parser.add_argument(
+        "--preset", default="smoke", choices=list(PRESETS), help="smoke | cpu-10min | vit-ti16-224 (default: smoke)"
+    )
+    parser.add_argument(
+        "--output", type=cli.output_folder, required=True, help="folder for checkpoints/, train.json, curves.png"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--device", type=cli.device_name, default="auto", help="auto | cpu | cuda (default: auto)")
     add_override_flags(parser)
     args = parser.parse_args(argv)
-    try:
-        result = train(
-            args.data, args.preset, args.output, resume=args.resume, device=args.device, **overrides_from(args)
-        )
-    except (DataError, ValueError, FileNotFoundError) as error:
-        parser.exit(2, f"train: error: {error}\n")
+    overrides = overrides_from(args)
+    result = cli.run(parser, train, args.data, args.preset, args.output, args.resume, args.device, **overrides)
     print(f"best checkpoint {result['checkpoint']}: valid accuracy {max(result['val_accuracy']):.4f}")
 
 
