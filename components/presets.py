@@ -135,6 +135,10 @@ def preset(name: str, **overrides) -> TrainConfig:
     if unknown:
         raise ConfigError(f"unknown training settings {sorted(unknown)}")
     config = replace(PRESETS[name], **overrides)
+    from model import MODEL_PRESETS
+
+    if config.model not in MODEL_PRESETS:
+        raise ConfigError(f"--model {config.model!r}: choose one of {', '.join(MODEL_PRESETS)}")
     for field in fields(TrainConfig):
         value = getattr(config, field.name)
         if field.type in ("int", "float") and not (value > 0 if field.name in POSITIVE else value >= 0):

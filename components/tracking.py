@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import threading
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -182,7 +183,16 @@ def _keep_offline_session(task_id: str, output_dir: Path, component: str) -> Pat
     from clearml.config import get_offline_dir
 
     folder = Path(get_offline_dir(task_id=task_id))
-    target = output_dir / f"{component}.clearml-offline.zip"
-    shutil.move(str(folder.with_suffix(".zip")), target)
+    zipped, target = folder.with_suffix(".zip"), output_dir / f"{component}.clearml-offline.zip"
+    if not zipfile.is_zipfile(zipped):  # ClearML ignores a failed write of it (a full disk): keep no broken zip
+        zipped.unlink(missing_ok=True)
+        print(f"note: ClearML could not write the offline session's zip; what it recorded is in {folder}")
+        return folder
+    try:
+        shutil.move(str(zipped), target)
+    except OSError as error:  # raised here it would hide the error that ended the run
+        target.unlink(missing_ok=True)
+        print(f"note: could not move the offline session to {target} ({error.strerror}); it is at {zipped}")
+        return zipped
     shutil.rmtree(folder, ignore_errors=True)
     return target
