@@ -121,6 +121,13 @@ def load_model(reference: str | Path, attention: str | None = None) -> tuple[ViT
     config = dict(checkpoint["config"])
     if attention:
         config["attention"] = attention
-    model = ViT(**config)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model = ViT(**config)
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, RuntimeError) as error:  # a config ViT does not take, weights of another shape
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(
+            f"{reference}: its weights do not fit the model its config describes ({first_line}); pass a .pt file "
+            f"that train wrote"
+        ) from None
     return model, checkpoint

@@ -219,6 +219,8 @@ def test_a_damaged_or_foreign_checkpoint_says_what_is_wrong(tmp_path):
         with pytest.raises(checkpoints.CheckpointError, match=message):
             checkpoints.load(tmp_path / name)
     assert checkpoints.load(good)["model"]["w"].shape == (4000,)
+    with pytest.raises(checkpoints.CheckpointError, match="good.pt: its weights do not fit the model"):
+        checkpoints.load_model(good)
 
 
 def test_a_failed_write_names_the_file_and_keeps_the_previous_checkpoint(tmp_path):
