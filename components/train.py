@@ -283,7 +283,6 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
     files are written meanwhile), "classes", "data_version", "model_id" (with a server),
     "plots", "clearml"}``; also written to ``output/train.json``."""
     output = Path(output)
-    check_source(data)
     config = preset(preset_name, **overrides)
     device = pick_device(device)
     compile_mode(config, device)  # a wrong --compile or --train-sizes fails before any work
@@ -292,6 +291,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             f"note: training at {config.train_sizes} for a model of size {config.image_size}; "
             f"--train-sizes {config.image_size} trains at that size alone"
         )
+    check_source(data)  # so does a --data that cannot be used
     last_path, best_path = output / "checkpoints" / "last.pt", output / "checkpoints" / "best.pt"
     state = checkpoints.load(last_path) if resume and last_path.is_file() else None
     if resume and state is None:
