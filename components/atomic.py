@@ -10,19 +10,29 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, a read-only folder); the message names it and why."""
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed over ``path`` when the block
-    succeeds, removed when it fails."""
+    succeeds, removed when it fails. An OSError on the way becomes a `WriteError` naming
+    ``path``; ``path`` is then as it was before."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    temporary = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
         yield Path(temporary)
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError) and not isinstance(error, WriteError):
+            reason = error.strerror or str(error)
+            raise WriteError(f"could not write {path}: {reason}") from error
         raise
 
 

@@ -15,7 +15,6 @@ synchronises the GPU around each measurement); peak memory of forward+backward o
 
 from __future__ import annotations
 
-import argparse
 import csv
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import pandas as pd
 import torch
 from torch.utils import benchmark as torch_benchmark
 
+from components import cli
 from components.atomic import atomic_path, write_json
 from components.devices import pick_device
 from components.plots import grouped_bars_figure
@@ -223,12 +223,14 @@ def speedup_figure(frame: pd.DataFrame):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-json", type=Path, required=True, help="where the rows go (a .csv is written beside)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser = cli.Parser("benchmark_attention", __doc__)
+    parser.add_argument(
+        "--output-json", type=cli.output_file, required=True, help="where the rows go (a .csv is written beside)"
+    )
+    parser.add_argument("--device", type=cli.device_name, default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--quick", action="store_true", help="the tiny preset's width, batch 2: a quick check")
     args = parser.parse_args(argv)
-    benchmark_attention(args.output_json, args.device, args.quick)
+    cli.run(parser, benchmark_attention, args.output_json, args.device, args.quick)
     print(f"wrote {args.output_json}")
 
 

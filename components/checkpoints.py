@@ -3,8 +3,10 @@ atomically and read back with ``torch.load(..., weights_only=True)``."""
 
 from __future__ import annotations
 
-import functools
+import io
+import pickle
 import threading
+import zipfile
 from pathlib import Path
 
 import torch
@@ -13,10 +15,18 @@ from components.atomic import atomic_path
 from model import ViT
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged or not one of this project's; the message says what to do."""
+
+
 def save_atomic(payload: dict, path: Path) -> Path:
-    """Writes beside ``path`` and renames: a killed run leaves the previous checkpoint intact."""
+    """Writes beside ``path`` and renames: a killed run leaves the previous checkpoint intact.
+    Serialised in memory first: torch.save's own writer reports a full disk only as
+    "unexpected pos", a plain file write says which file and why (`WriteError`)."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_path(path) as temporary:
-        torch.save(payload, temporary)
+        temporary.write_bytes(buffer.getbuffer())
     return Path(path)
 
 
@@ -70,37 +80,35 @@ def local_copy(reference: str | Path) -> Path:
     path = Path(reference)
     if path.is_file():
         return path
-    from components.tracking import server_configured
+    from components.tracking import registered_model, server_configured
 
     if not server_configured():
-        raise FileNotFoundError(f"no checkpoint at {path}; pass the .pt file that train wrote (see its train.json)")
-    return _registered_model(str(reference))
-
-
-@functools.cache
-def _registered_model(model_id: str) -> Path:
-    """The weights of a registered model, downloaded once per process and connected to the
-    running task as its input model (the model's lineage in the web UI)."""
-    from clearml import InputModel, Task
-
-    try:
-        model = InputModel(model_id=model_id)
-        if Task.current_task() is not None:
-            model.connect(Task.current_task(), name="checkpoint")
-        return Path(model.get_local_copy(raise_on_error=True))
-    except ValueError as error:
-        raise FileNotFoundError(
-            f"no checkpoint at {model_id} and no ClearML model {model_id} could be downloaded ({error}); pass a "
-            f"checkpoint file or the id of a model that train registered with its weights uploaded "
-            f"(the pipeline's --output-uri)"
-        ) from None
+        raise CheckpointError(f"no checkpoint at {path}; pass the .pt file that train wrote (see its train.json)")
+    return registered_model(str(reference))
 
 
 def load(reference: str | Path) -> dict:
+    """A checkpoint's contents, read without running any code it might hold."""
     path = local_copy(reference)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not {"model", "config"} <= set(checkpoint):
-        raise ValueError(f"{path} is not a checkpoint of this project (it lacks 'model' and 'config')")
+    if not zipfile.is_zipfile(path):  # what torch.save writes; a cut-off file has lost its directory
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (damaged, cut off or another kind of file); pass a .pt file "
+            f"that train wrote (a damaged last.pt has best.pt beside it, or train into a new --output)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refuses objects other than tensors and plain values
+        raise CheckpointError(
+            f"{path} holds objects other than weights, which are not loaded (they could run code); pass a .pt "
+            f"file that train wrote"
+        ) from None
+    except RuntimeError as error:  # a damaged zip record
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(
+            f"{path} is damaged ({first_line}); use the best.pt beside it, or train into a new --output"
+        ) from None
+    if not isinstance(checkpoint, dict) or not {"model", "config"} <= set(checkpoint):
+        raise CheckpointError(f"{path} is not a checkpoint of this project (it lacks 'model' and 'config')")
     return checkpoint
 
 
@@ -111,6 +119,13 @@ def load_model(reference: str | Path, attention: str | None = None) -> tuple[ViT
     config = dict(checkpoint["config"])
     if attention:
         config["attention"] = attention
-    model = ViT(**config)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model = ViT(**config)
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, RuntimeError) as error:  # a config ViT does not take, weights of another shape
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(
+            f"{reference}: its weights do not fit the model its config describes ({first_line}); pass a .pt file "
+            f"that train wrote"
+        ) from None
     return model, checkpoint

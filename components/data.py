@@ -10,12 +10,14 @@ only) and ``manifest.json`` (version hash, classes, counts, skipped files).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -26,6 +28,8 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+
+from components.atomic import WriteError
 
 SPLITS = ("train", "valid", "test")
 CSV_COLUMNS = ["class id", "filepaths", "labels", "data set"]
@@ -60,13 +64,44 @@ class DataVersion:
 
 # --- extraction -----------------------------------------------------------------------------
 
+# Generous for the 200 MB headgear archive (JPEGs barely compress), far below what a zip bomb inflates to.
+DEFAULT_MAX_EXTRACT_GB, DEFAULT_MAX_RATIO = 10.0, 100.0
+RATIO_FLOOR = 1_000_000  # a small archive of text compresses well and is no bomb: the ratio counts beyond 1 MB
 
-def safe_extract(archive: Path, target: Path) -> None:
-    """Extracts a zip, refusing it whole if any entry would land outside ``target``
-    (absolute paths, ``..``) or is a link."""
-    with zipfile.ZipFile(archive) as zf:
+
+def extraction_limits() -> tuple[int, float]:
+    """The most bytes an archive may extract to and the most its size may grow by:
+    ``HEADGEAR_MAX_EXTRACT_GB`` and ``HEADGEAR_MAX_RATIO`` (default 10 GB and 100)."""
+    values = []
+    settings = (("HEADGEAR_MAX_EXTRACT_GB", DEFAULT_MAX_EXTRACT_GB), ("HEADGEAR_MAX_RATIO", DEFAULT_MAX_RATIO))
+    for name, default in settings:
+        text = os.environ.get(name, "")
+        try:
+            value = float(text) if text else default
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise DataError(f"{name}={text!r}: expected a number above 0 (default {default:g})")
+        values.append(value)
+    return int(values[0] * 1e9), values[1]
+
+
+def safe_extract(archive: Path, target: Path, max_bytes: int | None = None, max_ratio: float | None = None) -> None:
+    """Extracts a zip, refusing it whole if any entry would land outside ``target`` (absolute
+    paths, ``..``) or is a link, if it would extract to more than ``max_bytes`` or grow more
+    than ``max_ratio`` times (`extraction_limits` by default), or if a member is damaged. The
+    sizes are the headers'; zipfile inflates no more than they say, and a member whose header
+    lies fails its CRC check and is reported damaged."""
+    default_bytes, default_ratio = extraction_limits()
+    max_bytes, max_ratio = max_bytes or default_bytes, max_ratio or default_ratio
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as error:
+        raise DataError(f"{archive} is not a readable zip archive ({error}); download it again") from None
+    with zf:
+        members = zf.infolist()
         hostile = []
-        for info in zf.infolist():
+        for info in members:
             path = PurePosixPath(info.filename.replace("\\", "/"))
             is_link = stat.S_ISLNK(info.external_attr >> 16)
             if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]) or is_link:
@@ -76,18 +111,60 @@ def safe_extract(archive: Path, target: Path) -> None:
                 f"refusing to extract {archive}: {len(hostile)} entries would land outside the target "
                 f"or are links: {', '.join(hostile[:10])}"
             )
-        zf.extractall(target)
+        if not members:
+            raise DataError(f"{archive} is an empty zip archive; pass the headgear archive")
+        compressed = max(1, sum(info.compress_size for info in members))
+        declared = sum(info.file_size for info in members)
+        limit = min(max_bytes, max(int(compressed * max_ratio), RATIO_FLOOR))
+        if declared > limit:
+            raise DataError(_too_big(archive, declared, compressed, max_bytes, max_ratio))
+        for info in members:
+            destination = Path(target, *PurePosixPath(info.filename.replace("\\", "/")).parts)
+            if info.is_dir():
+                destination.mkdir(parents=True, exist_ok=True)
+                continue
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(info) as source, open(destination, "wb") as sink:
+                    shutil.copyfileobj(source, sink, 1 << 20)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:
+                raise DataError(
+                    f"{archive}: the member {info.filename} is damaged ({type(error).__name__}: {error}); "
+                    f"download the archive again"
+                ) from None
+            except OSError as error:  # a full disk: the scratch folder lies under TMPDIR
+                raise WriteError(
+                    f"could not extract {archive} to {destination}: {error.strerror}; free some space there or "
+                    f"point TMPDIR at a larger disk"
+                ) from None
+
+
+def _too_big(archive: Path, size: int, compressed: int, max_bytes: int, max_ratio: float) -> str:
+    return (
+        f"refusing to extract {archive}: it inflates to {_size(size)} or more from {_size(compressed)}, beyond "
+        f"the limits of {_size(max_bytes)} and {max_ratio:g} times its size; if it is the real data, raise "
+        f"HEADGEAR_MAX_EXTRACT_GB / HEADGEAR_MAX_RATIO"
+    )
+
+
+def _size(count: float) -> str:
+    for unit in ("bytes", "kB", "MB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.2f} GB"
 
 
 # --- reading the layout -----------------------------------------------------------------------
 
 
-def find_root(folder: Path) -> Path:
-    """The folder holding the split folders or the CSV (archives sometimes nest one level)."""
+def find_root(folder: Path, shown_as: Path | None = None) -> Path:
+    """The folder holding the split folders or the CSV (archives sometimes nest one level);
+    errors name ``shown_as`` (the archive a scratch folder was extracted from)."""
     for candidate in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
         if (candidate / "train").is_dir() or _find_csv(candidate):
             return candidate
-    raise DataError(f"{folder} has neither a train/ folder nor a CSV with columns {', '.join(CSV_COLUMNS)}")
+    raise DataError(f"{shown_as or folder} has neither a train/ folder nor a CSV with columns {', '.join(CSV_COLUMNS)}")
 
 
 def _find_csv(root: Path) -> Path | None:
@@ -95,36 +172,89 @@ def _find_csv(root: Path) -> Path | None:
         if (root / name).is_file():
             return root / name
     for path in sorted(root.glob("*.csv")):
-        if list(pd.read_csv(path, nrows=0).columns.str.strip()) == CSV_COLUMNS:
+        if list(_read_csv(path, nrows=0)[0].columns.str.strip()) == CSV_COLUMNS:
             return path
     return None
 
 
-def read_listing(root: Path) -> pd.DataFrame:
-    """The CSV if there is one, otherwise the folders: one row per listed image."""
+CSV_FALLBACK_ENCODING = "cp1252"  # what Windows' tools write when they do not write UTF-8
+
+
+def _read_csv(path: Path, **options) -> tuple[pd.DataFrame, str]:
+    """A CSV read as UTF-8 or, where that fails, as cp1252; and the encoding that was used."""
+    for encoding in ("utf-8-sig", CSV_FALLBACK_ENCODING):
+        try:
+            return pd.read_csv(path, encoding=encoding, **options), encoding
+        except UnicodeDecodeError:
+            continue
+    raise DataError(f"{path} is neither UTF-8 nor {CSV_FALLBACK_ENCODING} text; save it as UTF-8")
+
+
+@dataclass
+class Listing:
+    """What a data source lists: one row per image (CSV_COLUMNS), the files skipped before
+    reading them (path and reason) and notes on what was changed."""
+
+    frame: pd.DataFrame
+    skipped: list[dict]
+    notes: list[str]
+
+
+def read_listing(root: Path) -> Listing:
+    """The CSV if there is one, otherwise the folders: one row per listed image. Exact
+    duplicate rows of the CSV are dropped; files whose names are not UTF-8 are skipped."""
     csv = _find_csv(root)
     if csv is not None:
-        frame = pd.read_csv(csv)
+        frame, encoding = _read_csv(csv)
+        notes = [] if encoding == "utf-8-sig" else [f"{csv.name} is not UTF-8; read it as {encoding}"]
         frame.columns = frame.columns.str.strip()
         missing = [column for column in CSV_COLUMNS if column not in frame.columns]
         if missing:
             raise DataError(f"{csv} lacks the columns {missing}; expected {', '.join(CSV_COLUMNS)}")
         frame = frame[CSV_COLUMNS].copy()
-        frame["filepaths"] = frame["filepaths"].str.replace("\\", "/", regex=False)
-        frame["data set"] = frame["data set"].str.strip().str.lower()
+        empty = frame.isna() | frame.astype(str).apply(lambda column: column.str.strip() == "")
+        if empty.any(axis=None):
+            row, column = next((r, c) for r, c in zip(*np.nonzero(empty.to_numpy())))
+            raise DataError(
+                f"{csv}: row {row + 2} (counting the header as row 1) has no {CSV_COLUMNS[column]!r}; "
+                f"fill it in or delete the row"
+            )
+        frame["filepaths"] = frame["filepaths"].astype(str).str.replace("\\", "/", regex=False)
+        frame["labels"] = frame["labels"].astype(str)
+        frame["data set"] = frame["data set"].astype(str).str.strip().str.lower()
         unknown = sorted(set(frame["data set"]) - set(SPLITS))
         if unknown:
             raise DataError(f"{csv}: unknown values {unknown} in 'data set'; expected {', '.join(SPLITS)}")
-        return frame
-    rows = []
+        repeated = frame.duplicated()
+        if repeated.any():
+            notes.append(
+                f"{csv.name} lists {int(repeated.sum())} rows twice, dropped: "
+                f"{_some(frame.loc[repeated, 'filepaths'].tolist())}"
+            )
+            frame = frame[~repeated].reset_index(drop=True)
+        return Listing(frame, [], notes)
+    rows, skipped = [], []
     for split in SPLITS:
         for path in sorted((root / split).glob("*/*")):
             if path.suffix.lower() in IMAGE_SUFFIXES:
-                rows.append((path.relative_to(root).as_posix(), path.parent.name, split))
+                relative = path.relative_to(root).as_posix()
+                try:
+                    relative.encode("utf-8")
+                except UnicodeEncodeError:  # undecodable bytes of the name, kept by Python as surrogates
+                    shown = relative.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                    skipped.append({"path": shown, "reason": "its name is not valid UTF-8; rename it"})
+                    continue
+                rows.append((relative, path.parent.name, split))
     frame = pd.DataFrame(rows, columns=["filepaths", "labels", "data set"])
     classes = sorted(frame["labels"].unique())
     frame.insert(0, "class id", frame["labels"].map({label: i for i, label in enumerate(classes)}))
-    return frame
+    return Listing(frame, skipped, [])
+
+
+def _some(items: list[str], shown: int = 5) -> str:
+    """Up to ``shown`` items, then how many more there are."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -137,29 +267,62 @@ def load_rgb(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def _check_file(root: Path, relative: str) -> str | None:
+def _check_file(root: Path, relative: str) -> tuple[str | None, str | None]:
+    """Why the file cannot be used (None if it can) and the sha256 of its bytes."""
     path = (root / relative).resolve()
     if not path.is_relative_to(root.resolve()):
-        return "points outside the data folder"
+        return "points outside the data folder", None
     if not path.is_file():
-        return "listed but missing"
+        return "listed but missing", None
+    content = path.read_bytes()
     try:
-        load_rgb(path)
+        load_rgb(io.BytesIO(content))
     except Exception as error:  # PIL raises many kinds for corrupt files
-        return f"does not decode ({type(error).__name__}: {error})"
-    return None
+        return f"does not decode ({type(error).__name__}: {error})", None
+    return None, hashlib.sha256(content).hexdigest()
 
 
 def validate(root: Path, listing: pd.DataFrame, strict: bool = False) -> tuple[pd.DataFrame, list[dict]]:
-    """Good rows and the bad files (path and reason). ``strict`` raises on the first bad file."""
+    """Good rows, with the sha256 of each file's bytes as ``sha256``, and the bad files (path
+    and reason). ``strict`` raises on the first bad file."""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        problems = list(pool.map(lambda relative: _check_file(root, relative), listing["filepaths"]))
+        checked = list(pool.map(lambda relative: _check_file(root, relative), listing["filepaths"]))
+    problems = [problem for problem, _ in checked]
     bad = [{"path": path, "reason": reason} for path, reason in zip(listing["filepaths"], problems) if reason]
     if bad and strict:
         raise DataError(f"bad file {bad[0]['path']}: {bad[0]['reason']} (drop --strict to skip bad files)")
-    good = listing[[problem is None for problem in problems]].reset_index(drop=True)
+    good = listing.assign(sha256=[digest for _, digest in checked])[[problem is None for problem in problems]]
+    good = good.reset_index(drop=True)
     _check_structure(good)
     return good, bad
+
+
+def find_duplicates(frame: pd.DataFrame) -> list[list[str]]:
+    """Files with the same bytes (``sha256``) listed under the same split and label, as groups
+    of paths. The same bytes in two splits (the test set leaking into training) or under two
+    labels (a contradiction) raise a DataError naming them."""
+    groups = [group for _, group in frame.groupby("sha256", sort=False) if len(group) > 1]
+    clashes = {"splits": [], "labels": []}
+    kept = []
+    for group in groups:
+        first = group.iloc[0]
+        for _, row in group.iloc[1:].iterrows():
+            if row["data set"] != first["data set"]:
+                clashes["splits"].append(f"{first['filepaths']} = {row['filepaths']}")
+            elif row["labels"] != first["labels"]:
+                clashes["labels"].append(f"{first['filepaths']} = {row['filepaths']}")
+        if group["data set"].nunique() == 1 and group["labels"].nunique() == 1:
+            kept.append(sorted(group["filepaths"]))
+    if clashes["splits"]:
+        raise DataError(
+            f"the same image is in two splits, which would leak the evaluation images into training: "
+            f"{_some(clashes['splits'])}; delete one file of each pair"
+        )
+    if clashes["labels"]:
+        raise DataError(
+            f"the same image has two labels: {_some(clashes['labels'])}; delete the file under the wrong label"
+        )
+    return sorted(kept)
 
 
 def _check_structure(frame: pd.DataFrame) -> None:
@@ -186,16 +349,16 @@ def _check_structure(frame: pd.DataFrame) -> None:
 # --- versions ---------------------------------------------------------------------------------
 
 
-def content_hash(root: Path, frame: pd.DataFrame) -> str:
-    """A hash over the listing (path, label, split) and the bytes of every file."""
+def content_hash(frame: pd.DataFrame) -> str:
+    """A hash over the listing (path, label, split) and the bytes of every file (``sha256``)."""
     digest = hashlib.sha256()
     for row in frame.sort_values("filepaths").itertuples(index=False):
         digest.update(f"{row[1]}\0{row[2]}\0{row[3]}\0{row[0]}\0".encode())
-        digest.update(hashlib.sha256((root / row[1]).read_bytes()).digest())
+        digest.update(bytes.fromhex(row[4]))
     return digest.hexdigest()[:16]
 
 
-def _manifest(version: str, source: str, frame: pd.DataFrame, bad: list[dict]) -> dict:
+def _manifest(version: str, source: str, frame: pd.DataFrame, bad: list[dict], duplicates, notes) -> dict:
     counts = frame.groupby(["data set", "labels"]).size()
     return {
         "version": version,
@@ -204,25 +367,41 @@ def _manifest(version: str, source: str, frame: pd.DataFrame, bad: list[dict]) -
         "counts": {split: int((frame["data set"] == split).sum()) for split in SPLITS},
         "per_class": {split: {label: int(n) for label, n in counts[split].items()} for split in SPLITS},
         "skipped": bad,
+        "duplicates": duplicates,
+        "notes": notes,
     }
 
 
 def prepare(source: Path, store: Path, strict: bool = False) -> DataVersion:
     """Validates a zip or a folder in the archive layout and copies the good images into
-    ``store/<version>/`` (reused when it already exists)."""
+    ``store/<version>/`` (reused when it already exists). What was changed on the way (rows
+    listed twice, a CSV read as cp1252, the same image under two names) is printed and noted in
+    the manifest's ``notes``, the same images under two names also in its ``duplicates``."""
     source = Path(source)
     if is_prepared(source):
         return load_version(source)
     with tempfile.TemporaryDirectory(prefix="headgear-") as scratch:
         if source.is_file() and zipfile.is_zipfile(source):
             safe_extract(source, Path(scratch))
-            root = find_root(Path(scratch))
+            root = find_root(Path(scratch), shown_as=source)
         elif source.is_dir():
             root = find_root(source)
         else:
             raise DataError(f"{source} is neither a zip archive nor a folder in the headgear layout")
-        good, bad = validate(root, read_listing(root), strict=strict)
-        version = content_hash(root, good)
+        listing = read_listing(root)
+        good, bad = validate(root, listing.frame, strict=strict)
+        bad = listing.skipped + bad
+        if bad and strict:
+            raise DataError(f"bad file {bad[0]['path']}: {bad[0]['reason']} (drop --strict to skip bad files)")
+        duplicates = find_duplicates(good)
+        notes = list(listing.notes)
+        if duplicates:
+            shown = _some([" = ".join(group) for group in duplicates])
+            notes.append(f"{len(duplicates)} sets of identical images under different names, kept: {shown}")
+        for note in notes:
+            print(f"note: {note}")
+        version = content_hash(good)
+        good = good[CSV_COLUMNS]
         target = Path(store) / version
         if not is_prepared(target):
             partial = Path(store) / f".{version}.partial"
@@ -231,7 +410,8 @@ def prepare(source: Path, store: Path, strict: bool = False) -> DataVersion:
                 (partial / relative).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(root / relative, partial / relative)
             good.to_csv(partial / INDEX, index=False)
-            (partial / MANIFEST).write_text(json.dumps(_manifest(version, str(source), good, bad), indent=2))
+            manifest = _manifest(version, str(source), good, bad, duplicates, notes)
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
             shutil.rmtree(target, ignore_errors=True)
             partial.rename(target)  # a version folder is either complete or absent
     return load_version(target)
@@ -250,28 +430,49 @@ def default_store() -> Path:
     return Path(os.environ.get("HEADGEAR_DATA_STORE", Path.home() / ".cache" / "headgear-vit" / "datasets"))
 
 
+KAGGLE = "kaggle"
+
+
+def check_source(source: str, allow_kaggle: bool = False) -> None:
+    """Raises a DataError in a fraction of a second when ``source`` cannot be used: neither an
+    existing zip archive, a folder in the headgear layout (raw or prepared), ``kaggle`` (where
+    ``allow_kaggle``: fetch_data downloads it) nor, with a ClearML server, a Dataset id."""
+    if str(source) == KAGGLE:
+        if allow_kaggle:
+            return
+        raise DataError(
+            "--data kaggle: this step takes data that is here already; fetch it first with "
+            "`python -m components.fetch_data --source kaggle --output DIR` (or run the pipeline) and pass the "
+            "data version folder it prints"
+        )
+    path = Path(source).expanduser()
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise DataError(f"{path} is a file but not a zip archive; pass the headgear .zip or a folder")
+    elif path.is_dir():
+        if not is_prepared(path):
+            find_root(path)
+    elif path.exists():
+        raise DataError(f"{path} is neither a file nor a folder; pass a zip or a folder in the headgear layout")
+    else:
+        from components.tracking import server_configured
+
+        if not server_configured():
+            raise DataError(
+                f"data source {source!r} is not a file or folder here; pass a zip or a folder in the headgear "
+                f"layout (or, with a ClearML server configured, a ClearML Dataset id)"
+            )
+
+
 def resolve(source: str, store: Path | None = None, strict: bool = False) -> DataVersion:
     """A zip, a folder (raw or prepared) or, with a ClearML server, a ClearML Dataset id."""
+    check_source(source)
     path = Path(source).expanduser()
     if path.exists():
         return prepare(path, store or default_store(), strict=strict)
-    from components.tracking import server_configured
+    from components.tracking import dataset_local_copy
 
-    if server_configured():
-        from clearml import Dataset
-
-        try:
-            local = Dataset.get(dataset_id=source).get_local_copy()
-        except ValueError as error:
-            raise DataError(
-                f"data source {source!r} is neither a file or folder here nor a ClearML Dataset id the server "
-                f"knows ({error}); pass a zip, a folder in the headgear layout or a Dataset id"
-            ) from None
-        return prepare(Path(local), store or default_store(), strict)
-    raise DataError(
-        f"data source {source!r} is not a file or folder here; pass a zip or a folder in the headgear "
-        f"layout (or, with a ClearML server configured, a ClearML Dataset id)"
-    )
+    return prepare(dataset_local_copy(source), store or default_store(), strict)
 
 
 # --- decoded images ---------------------------------------------------------------------------

@@ -8,7 +8,6 @@ the misclassified images, reported to ClearML.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +15,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from components import checkpoints
+from components import checkpoints, cli
 from components.atomic import write_json
 from components.attention_maps import attention_figure, attention_sample
-from components.data import DataError, decode_split, resolve, to_input
+from components.data import DataError, check_source, decode_split, resolve, to_input
 from components.devices import mixed_precision, pick_device
 from components.plots import confusion_figure, image_grid_figure
 from components.tracking import open_task
@@ -134,24 +133,24 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser("evaluate", __doc__)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a .pt file written by train")
     parser.add_argument("--data", required=True, help="a zip, a folder, a data version folder or a ClearML Dataset id")
     parser.add_argument(
         "--image-size",
-        type=int,
+        type=cli.positive_int,
         default=None,
         help="evaluate at this size; other than the checkpoint's, the position embeddings are interpolated "
         "(default: the checkpoint's)",
     )
     parser.add_argument("--split", default="test", choices=["train", "valid", "test"], help="default: test")
-    parser.add_argument("--output-json", type=Path, required=True, help="where the metrics go")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--output-json", type=cli.output_file, required=True, help="where the metrics go")
+    parser.add_argument("--device", type=cli.device_name, default="auto", help="auto | cpu | cuda (default: auto)")
     args = parser.parse_args(argv)
-    try:
-        result = evaluate(args.checkpoint, args.data, args.output_json, args.image_size, args.device, args.split)
-    except (DataError, ValueError, FileNotFoundError) as error:
-        parser.exit(2, f"evaluate: error: {error}\n")
+    cli.run(parser, check_source, args.data)
+    result = cli.run(
+        parser, evaluate, args.checkpoint, args.data, args.output_json, args.image_size, args.device, args.split
+    )
     print(
         f"{args.split} accuracy {result['test_accuracy']:.4f} (top-5 {result['test_top5_accuracy']:.4f}), "
         f"loss {result['test_loss']:.4f} on {result['num_images']} images at {result['image_size']}"

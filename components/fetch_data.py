@@ -6,20 +6,19 @@ by content, reported to ClearML and, with a server, registered as a ClearML Data
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
 import tempfile
 from pathlib import Path
 
+from components import cli
 from components.atomic import write_json
-from components.data import DataError, DataVersion, resolve
+from components.data import DataError, check_source, resolve
 from components.plots import class_counts_figure
-from components.tracking import open_task
+from components.tracking import open_task, register_dataset
 
 KAGGLE_DATASET = "gpiosenka/headgear-image-classification"
-DATASET_PROJECT = "headgear-vit/datasets"
 
 
 def kaggle_credentials_present() -> bool:
@@ -60,29 +59,6 @@ def download_from_kaggle(target: Path) -> Path:
     return archives[0]
 
 
-def register_dataset(data: DataVersion, parent: str | None = None) -> str:
-    """The id of the ClearML Dataset holding this version, created only if no dataset with
-    the same content hash exists. ``parent``: the id of the ClearML Dataset the version was
-    prepared from, recorded as its parent (the lineage in the web UI); the new version holds
-    exactly the prepared files, whatever the parent had."""
-    from clearml import Dataset
-
-    tags = [f"sha:{data.version}"]
-    existing = Dataset.list_datasets(dataset_project=DATASET_PROJECT, tags=tags, only_completed=True)
-    if existing:
-        return existing[0]["id"]
-    dataset = Dataset.create(
-        dataset_name="headgear",
-        dataset_project=DATASET_PROJECT,
-        dataset_tags=tags,
-        parent_datasets=[parent] if parent else None,
-    )
-    dataset.sync_folder(local_path=str(data.root))
-    dataset.upload(show_progress=True)
-    dataset.finalize()
-    return dataset.id
-
-
 def fetch_data(source: str, output: Path, strict: bool = False) -> dict:
     """Fetches, validates and versions the data. Returns ``{"source", "version", "path",
     "dataset_id" (None offline), "classes", "counts", "skipped", "clearml"}``."""
@@ -117,20 +93,20 @@ def fetch_data(source: str, output: Path, strict: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser("fetch_data", __doc__)
     parser.add_argument(
         "--source",
         default="kaggle",
         help="'kaggle' (needs Kaggle credentials), a local .zip or folder in the headgear layout, or (with a "
         "ClearML server) a ClearML Dataset id (default: kaggle)",
     )
-    parser.add_argument("--output", type=Path, required=True, help="folder for the data version and fetch_data.json")
+    parser.add_argument(
+        "--output", type=cli.output_folder, required=True, help="folder for the data version and fetch_data.json"
+    )
     parser.add_argument("--strict", action="store_true", help="fail on the first bad image instead of skipping it")
     args = parser.parse_args(argv)
-    try:
-        result = fetch_data(args.source, args.output, strict=args.strict)
-    except DataError as error:
-        parser.exit(2, f"fetch_data: error: {error}\n")
+    cli.run(parser, check_source, args.source, allow_kaggle=True)
+    result = cli.run(parser, fetch_data, args.source, args.output, strict=args.strict)
     print(f"data version {result['version']} at {result['path']}: {result['counts']}")
 
 

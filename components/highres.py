@@ -31,7 +31,6 @@ p-value: on 500 test images one standard error of accuracy is about 1.5 points, 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 from collections.abc import Callable
@@ -45,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from components import checkpoints
+from components import checkpoints, cli
 from components.atomic import write_json
 from components.attention_maps import attention_figure, attention_sample
 from components.augment import augment, endless_batches
-from components.data import DataError, DataVersion, decode_split, resolve, to_input
+from components.data import DataVersion, check_source, decode_split, resolve, to_input
 from components.devices import mixed_precision, pick_device
 from components.evaluate import accuracy, correct, predict
 from components.plots import factor_figure, grouped_bars_figure, similarity_figure
@@ -515,36 +514,40 @@ def highres(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser("highres", __doc__)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a .pt file written by train")
     parser.add_argument("--data", required=True, help="a zip, a folder, a data version folder or a ClearML Dataset id")
-    parser.add_argument("--image-size", type=int, default=384, help="the new input size (default: 384)")
-    parser.add_argument("--finetune-steps", type=int, default=300, help="SGD steps at the new size; 0 skips (300)")
-    parser.add_argument("--finetune-lr", type=float, default=0.01, help="peak SGD learning rate (default: 0.01)")
-    parser.add_argument("--finetune-batch-size", type=int, default=64, help="default: 64")
+    parser.add_argument("--image-size", type=cli.positive_int, default=384, help="the new input size (default: 384)")
+    parser.add_argument(
+        "--finetune-steps", type=cli.nonnegative_int, default=300, help="SGD steps at the new size; 0 skips (300)"
+    )
+    parser.add_argument(
+        "--finetune-lr", type=cli.positive_float, default=0.01, help="peak SGD learning rate (default: 0.01)"
+    )
+    parser.add_argument("--finetune-batch-size", type=cli.positive_int, default=64, help="default: 64")
     parser.add_argument(
         "--finetune-crop-scale",
         type=float,
         default=1.0,
         help="smallest crop area of the fine-tune's random-resized crop; 1: whole images, as tested (default: 1)",
     )
-    parser.add_argument("--output-json", type=Path, required=True, help="where the results go")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--output-json", type=cli.output_file, required=True, help="where the results go")
+    parser.add_argument("--device", type=cli.device_name, default="auto", help="auto | cpu | cuda (default: auto)")
     args = parser.parse_args(argv)
-    try:
-        highres(
-            args.checkpoint,
-            args.data,
-            args.output_json,
-            args.image_size,
-            args.finetune_steps,
-            args.finetune_lr,
-            args.finetune_batch_size,
-            args.finetune_crop_scale,
-            args.device,
-        )
-    except (DataError, ValueError, FileNotFoundError) as error:
-        parser.exit(2, f"highres: error: {error}\n")
+    cli.run(parser, check_source, args.data)
+    cli.run(
+        parser,
+        highres,
+        args.checkpoint,
+        args.data,
+        args.output_json,
+        args.image_size,
+        args.finetune_steps,
+        args.finetune_lr,
+        args.finetune_batch_size,
+        args.finetune_crop_scale,
+        args.device,
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 
+class ConfigError(ValueError):
+    """A training setting that cannot be used; the message names it and what would do."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = "vit-ti16"
@@ -144,13 +148,26 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+# Settings that must be above 0; every other number must be at least 0.
+POSITIVE = {"image_size", "epochs", "batch_size", "lr", "log_every", "validate_every"}
+
+
 def preset(name: str, **overrides) -> TrainConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     unknown = set(overrides) - {field.name for field in fields(TrainConfig)}
     if unknown:
-        raise ValueError(f"unknown training settings {sorted(unknown)}")
+        raise ConfigError(f"unknown training settings {sorted(unknown)}")
     config = replace(PRESETS[name], **overrides)
+    from model import MODEL_PRESETS
+
+    if config.model not in MODEL_PRESETS:
+        raise ConfigError(f"--model {config.model!r}: choose one of {', '.join(MODEL_PRESETS)}")
+    for field in fields(TrainConfig):
+        value = getattr(config, field.name)
+        if field.type in ("int", "float") and not (value > 0 if field.name in POSITIVE else value >= 0):
+            least = "above 0" if field.name in POSITIVE else "0 or more"
+            raise ConfigError(f"--{field.name.replace('_', '-')} must be {least}, got {value}")
     check_crop_scale(config.crop_scale, "--crop-scale")
     return config
 
@@ -158,16 +175,21 @@ def preset(name: str, **overrides) -> TrainConfig:
 def check_crop_scale(scale: float, flag: str) -> None:
     """A random-resized crop keeps between ``scale`` and all of an image's area."""
     if not 0 < scale <= 1:
-        raise ValueError(
+        raise ConfigError(
             f"{flag} must be in (0, 1]: the smallest area fraction a crop keeps, 1 for whole images; got {scale}"
         )
 
 
 def add_override_flags(parser) -> None:
     """One ``--field-name`` flag per field of TrainConfig, defaulting to the preset's value."""
+    from components.cli import nonnegative_float, nonnegative_int, positive_float, positive_int
+
     group = parser.add_argument_group("overrides of the preset's settings")
     for field in fields(TrainConfig):
-        kind = {"bool": _bool, "int": int, "float": float}.get(field.type, str)
+        if field.name in POSITIVE:
+            kind = {"int": positive_int, "float": positive_float}[field.type]
+        else:
+            kind = {"bool": _bool, "int": nonnegative_int, "float": nonnegative_float}.get(field.type, str)
         group.add_argument(
             f"--{field.name.replace('_', '-')}",
             type=kind,

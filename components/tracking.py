@@ -19,16 +19,19 @@ credentials are read from the environment by the libraries that need them.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
 import signal
 import threading
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 PROJECT = "headgear-vit"
+DATASET_PROJECT = f"{PROJECT}/datasets"
 PING_TIMEOUT_S = 5.0
 OFFLINE_CONFIG = Path(__file__).with_name("clearml-offline.conf")
 
@@ -254,6 +257,64 @@ def download_plots(result: dict, folder: Path) -> dict:
     return {**result, "plots": local}
 
 
+# --- what lives on the server: Datasets and registered models ---------------------------------
+
+
+def register_dataset(data, parent: str | None = None) -> str:
+    """The id of the ClearML Dataset holding ``data`` (a `components.data.DataVersion`), created only if no dataset with
+    the same content hash exists. ``parent``: the id of the ClearML Dataset the version was
+    prepared from, recorded as its parent (the lineage in the web UI); the new version holds
+    exactly the prepared files, whatever the parent had."""
+    from clearml import Dataset
+
+    tags = [f"sha:{data.version}"]
+    existing = Dataset.list_datasets(dataset_project=DATASET_PROJECT, tags=tags, only_completed=True)
+    if existing:
+        return existing[0]["id"]
+    dataset = Dataset.create(
+        dataset_name="headgear",
+        dataset_project=DATASET_PROJECT,
+        dataset_tags=tags,
+        parent_datasets=[parent] if parent else None,
+    )
+    dataset.sync_folder(local_path=str(data.root))
+    dataset.upload(show_progress=True)
+    dataset.finalize()
+    return dataset.id
+
+
+def dataset_local_copy(dataset_id: str) -> Path:
+    """A local copy of the files of the ClearML Dataset ``dataset_id``."""
+    from clearml import Dataset
+
+    try:
+        return Path(Dataset.get(dataset_id=dataset_id).get_local_copy())
+    except ValueError as error:
+        raise TrackingError(
+            f"data source {dataset_id!r} is neither a file or folder here nor a ClearML Dataset id the server "
+            f"knows ({error}); pass a zip, a folder in the headgear layout or a Dataset id"
+        ) from None
+
+
+@functools.cache
+def registered_model(model_id: str) -> Path:
+    """The weights of a registered model, downloaded once per process and connected to the
+    running task as its input model (the model's lineage in the web UI)."""
+    from clearml import InputModel, Task
+
+    try:
+        model = InputModel(model_id=model_id)
+        if Task.current_task() is not None:
+            model.connect(Task.current_task(), name="checkpoint")
+        return Path(model.get_local_copy(raise_on_error=True))
+    except ValueError as error:
+        raise TrackingError(
+            f"no checkpoint at {model_id} and no ClearML model {model_id} could be downloaded ({error}); pass a "
+            f"checkpoint file or the id of a model that train registered with its weights uploaded "
+            f"(the pipeline's --output-uri)"
+        ) from None
+
+
 def _exit_on_sigterm():
     """A SIGTERM (``kill``, ``timeout``, an agent aborting the task) unwinds like Ctrl-C, so the
     task is closed and the files being written are finished or removed. ClearML's own handler
@@ -272,7 +333,16 @@ def _keep_offline_session(task_id: str, output_dir: Path, component: str) -> Pat
     from clearml.config import get_offline_dir
 
     folder = Path(get_offline_dir(task_id=task_id))
-    target = output_dir / f"{component}.clearml-offline.zip"
-    shutil.move(str(folder.with_suffix(".zip")), target)
+    zipped, target = folder.with_suffix(".zip"), output_dir / f"{component}.clearml-offline.zip"
+    if not zipfile.is_zipfile(zipped):  # ClearML ignores a failed write of it (a full disk): keep no broken zip
+        zipped.unlink(missing_ok=True)
+        print(f"note: ClearML could not write the offline session's zip; what it recorded is in {folder}")
+        return folder
+    try:
+        shutil.move(str(zipped), target)
+    except OSError as error:  # raised here it would hide the error that ended the run
+        target.unlink(missing_ok=True)
+        print(f"note: could not move the offline session to {target} ({error.strerror}); it is at {zipped}")
+        return zipped
     shutil.rmtree(folder, ignore_errors=True)
     return target

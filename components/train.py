@@ -14,7 +14,6 @@ arrived, so that a GPU always has steps queued.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import copy
 import functools
@@ -31,15 +30,15 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from components import checkpoints
+from components import checkpoints, cli
 from components.atomic import write_json
 from components.augment import Draws, augment, batch_draws, draw, epoch_batches, len_epoch, mix, on_device
-from components.data import DataError, DataVersion, decode_split, from_input, resolve
+from components.data import DataError, DataVersion, check_source, decode_split, from_input, resolve
 from components.devices import mixed_precision, pick_device
 from components.evaluate import correct, predict
 from components.init_weights import InitialWeights, initial_weights
 from components.plots import curves_figure, image_grid_figure
-from components.presets import TrainConfig, add_override_flags, overrides_from, preset
+from components.presets import PRESETS, ConfigError, TrainConfig, add_override_flags, overrides_from, preset
 from components.tracking import open_task
 from model import ViT, model_config
 
@@ -72,7 +71,7 @@ def compile_mode(config: TrainConfig, device: torch.device) -> str:
     benchmarks/RESULTS.md, "CUDA graphs")."""
     mode = ("reduce-overhead" if device.type == "cuda" else "off") if config.compile == "auto" else config.compile
     if mode not in COMPILE_MODES:
-        raise ValueError(f"--compile {config.compile!r}: choose auto or one of {', '.join(COMPILE_MODES)}")
+        raise ConfigError(f"--compile {config.compile!r}: choose auto or one of {', '.join(COMPILE_MODES)}")
     return mode
 
 
@@ -235,12 +234,12 @@ def training_sizes(config: TrainConfig) -> tuple[int, ...]:
     try:
         sizes = tuple(int(size) for size in config.train_sizes.split(",")) if config.train_sizes.strip() else ()
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"--train-sizes {config.train_sizes!r}: give image sizes separated by commas, e.g. {example}"
         ) from None
     wrong = [size for size in sizes if size <= 0 or size % patch_size]
     if wrong:
-        raise ValueError(
+        raise ConfigError(
             f"--train-sizes {config.train_sizes!r}: {', '.join(map(str, wrong))} is not a positive multiple of "
             f"the patch size {patch_size}; e.g. {example}"
         )
@@ -338,11 +337,23 @@ class TrainingState:
             return None
         saved = checkpoints.load(path)
         if saved["train_config"] != asdict(config):
-            raise ValueError(
+            raise ConfigError(
                 f"--resume: {path} was trained with other settings; resume with the same preset and "
                 f"overrides, or train into another --output. Saved: {saved['train_config']}"
             )
         return saved
+
+    @classmethod
+    def check_data(cls, saved: dict, dataset: DataVersion, folder: Path) -> None:
+        """A resumed run must go on with the images it was trained on: other classes cannot load
+        into its head, and other images of the same classes would silently make it another run."""
+        trained_on = saved.get("data_version"), saved.get("classes")
+        if trained_on != (dataset.version, dataset.classes):
+            raise DataError(
+                f"--resume: {folder / cls.LAST} was trained on data version {trained_on[0]} with the classes "
+                f"{trained_on[1]}, --data is version {dataset.version} with {dataset.classes}; resume with the "
+                f"data it was trained on, or train into a new --output"
+            )
 
     @classmethod
     def from_checkpoint(
@@ -572,6 +583,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             f"note: training at {config.train_sizes} for a model of size {config.image_size}; "
             f"--train-sizes {config.image_size} trains at that size alone"
         )
+    check_source(data)  # so does a --data that cannot be used
     folder = output / "checkpoints"
     saved = TrainingState.saved(folder, config) if resume else None
 
@@ -581,6 +593,8 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
         architecture = {**_architecture(config), "image_size": config.image_size}
         initial = initial_weights(config.init, architecture) if config.init and saved is None else None
         dataset = resolve(params["data"])
+        if saved is not None:
+            TrainingState.check_data(saved, dataset, folder)
         splits = decoded_splits(dataset, config, device)
         if saved is None:
             state = TrainingState.start(config, dataset.classes, dataset.version, device, initial)
@@ -605,27 +619,23 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser("train", __doc__)
     parser.add_argument(
         "--data",
         required=True,
         help="a zip, a folder in the headgear layout, a data version "
         "folder written by fetch_data, or (with a server) a ClearML Dataset id",
     )
+    parser.add_argument("--preset", default="smoke", choices=list(PRESETS), help="training preset (default: smoke)")
     parser.add_argument(
-        "--preset", default="smoke", help="smoke | cpu-10min | vit-ti16-224 | finetune (default: smoke)"
+        "--output", type=cli.output_folder, required=True, help="folder for checkpoints/, train.json, curves.png"
     )
-    parser.add_argument("--output", type=Path, required=True, help="folder for checkpoints/, train.json, curves.png")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--device", type=cli.device_name, default="auto", help="auto | cpu | cuda (default: auto)")
     add_override_flags(parser)
     args = parser.parse_args(argv)
-    try:
-        result = train(
-            args.data, args.preset, args.output, resume=args.resume, device=args.device, **overrides_from(args)
-        )
-    except (DataError, ValueError, FileNotFoundError) as error:
-        parser.exit(2, f"train: error: {error}\n")
+    overrides = overrides_from(args)
+    result = cli.run(parser, train, args.data, args.preset, args.output, args.resume, args.device, **overrides)
     print(f"best checkpoint {result['checkpoint']}: valid accuracy {max(result['val_accuracy']):.4f}")
 
 

@@ -298,7 +298,7 @@ def upload_local_data(source: str) -> str:
     content: a re-run with the same data reuses it); returns the Dataset's id, which is what the
     agents, on other machines, can fetch."""
     from components.data import resolve
-    from components.fetch_data import register_dataset
+    from components.tracking import register_dataset
 
     dataset_id = register_dataset(resolve(source))
     print(f"data {source} is the ClearML Dataset {dataset_id}")

@@ -47,11 +47,11 @@ def write_image(path: Path, seed: int, size: int = 40, mode: str = "RGB", fmt: s
 def make_layout(root: Path, per_split=(8, 3, 3), classes=CLASSES, csv_name="headgear.csv", extra_rows=()) -> Path:
     """A folder in the headgear archive's layout with a CSV; returns the folder."""
     rows = ["class id,filepaths,labels,data set"]
-    for split, count in zip(("train", "valid", "test"), per_split):
+    for split_index, (split, count) in enumerate(zip(("train", "valid", "test"), per_split)):
         for class_id, label in enumerate(classes):
             for i in range(count):
                 relative = f"{split}/{label}/{i + 1:03d}.jpg"
-                write_image(root / relative, seed=class_id + 3 * i)
+                write_image(root / relative, seed=class_id + 3 * (i + 1000 * split_index))  # no image twice
                 rows.append(f"{class_id},{relative},{label},{split}")
     rows.extend(extra_rows)
     if csv_name:

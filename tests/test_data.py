@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import zipfile
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.data import DataError, decode_split, prepare, resolve
+from components.data import DataError, check_source, decode_split, prepare, resolve, safe_extract
 from tests.conftest import CLASSES, make_layout, write_image, zip_folder
 
 
@@ -143,3 +144,173 @@ def test_the_fashion_archive_prepares_with_every_image(fashion_zip, tmp_path):
     data = prepare(fashion_zip, tmp_path / "store", strict=True)
     assert data.manifest["counts"] == {"train": 3600, "valid": 500, "test": 500}
     assert len(data.classes) == 10 and data.manifest["skipped"] == []
+
+
+def _copy_image(layout, source: str, target: str, label: str, split: str, class_id: int) -> None:
+    shutil.copyfile(layout / source, layout / target)
+    with (layout / "headgear.csv").open("a") as csv:
+        csv.write(f"{class_id},{target},{label},{split}\n")
+
+
+def test_the_same_bytes_in_two_splits_are_refused_naming_five_pairs_and_a_count(layout, tmp_path):
+    for i in range(1, 8):  # seven training images saved again, under new names, in the test split
+        _copy_image(layout, f"train/BERET/{i:03d}.jpg", f"test/BERET/copy{i}.jpg", "BERET", "test", 1)
+    with pytest.raises(DataError, match="same image is in two splits") as refused:
+        prepare(layout, tmp_path / "store")
+    assert "train/BERET/001.jpg = test/BERET/copy1.jpg" in str(refused.value)
+    assert str(refused.value).count(" = ") == 5 and "and 2 more" in str(refused.value)
+    assert not (tmp_path / "store").exists()
+
+
+def test_the_same_bytes_under_two_labels_are_refused(layout, tmp_path):
+    _copy_image(layout, "train/BERET/001.jpg", "train/ZUCCHETTO/100.jpg", "ZUCCHETTO", "train", 2)
+    with pytest.raises(DataError, match="same image has two labels: train/BERET/001.jpg = train/ZUCCHETTO/100.jpg"):
+        prepare(layout, tmp_path / "store")
+
+
+def test_the_same_bytes_twice_in_one_class_are_kept_and_reported(layout, tmp_path, capsys):
+    _copy_image(layout, "train/BERET/001.jpg", "train/BERET/again.jpg", "BERET", "train", 1)
+    data = prepare(layout, tmp_path / "store")
+    assert data.manifest["duplicates"] == [["train/BERET/001.jpg", "train/BERET/again.jpg"]]
+    assert data.manifest["counts"]["train"] == 25
+    assert "note: 1 sets of identical images under different names, kept" in capsys.readouterr().out
+
+
+def test_rows_listed_twice_are_dropped_with_a_note(tmp_path, capsys):
+    folder = make_layout(tmp_path / "d", extra_rows=["1,train/BERET/001.jpg,BERET,train"] * 2)
+    data = prepare(folder, tmp_path / "store")
+    assert data.manifest["counts"]["train"] == 24 and data.manifest["duplicates"] == []
+    assert data.manifest["notes"] == [
+        "headgear.csv lists 2 rows twice, dropped: train/BERET/001.jpg, train/BERET/001.jpg"
+    ]
+    assert "note: headgear.csv lists 2 rows twice" in capsys.readouterr().out
+
+
+def test_the_version_hash_is_unchanged_by_reading_each_file_once(layout, tmp_path):
+    # The hash of every file is now taken while validating; versions made before stay valid.
+    import hashlib
+
+    data = prepare(layout, tmp_path / "store")
+    digest = hashlib.sha256()
+    for row in data.index.sort_values("filepaths").itertuples(index=False):
+        digest.update(f"{row[1]}\0{row[2]}\0{row[3]}\0{row[0]}\0".encode())
+        digest.update(hashlib.sha256((layout / row[1]).read_bytes()).digest())
+    assert data.version == digest.hexdigest()[:16]
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_listed(tmp_path):
+    folder = make_layout(tmp_path / "d", csv_name=None)
+    name = os.fsdecode(b"train/BERET/caf\xe9.jpg")  # a Latin-1 name, as old Windows tools write
+    write_image(folder / name, seed=1)
+    data = prepare(folder, tmp_path / "store")
+    assert data.manifest["skipped"] == [
+        {"path": "train/BERET/caf\ufffd.jpg", "reason": "its name is not valid UTF-8; rename it"}
+    ]
+    assert data.manifest["counts"]["train"] == 24
+
+
+def test_a_csv_that_is_not_utf8_is_read_as_cp1252_with_a_note(tmp_path):
+    folder = make_layout(tmp_path / "d")
+    write_image(folder / "train" / "BERET" / "café.jpg", seed=7777)
+    csv = folder / "headgear.csv"
+    csv.write_bytes(csv.read_bytes() + "1,train/BERET/café.jpg,BERET,train\n".encode("cp1252"))
+    data = prepare(folder, tmp_path / "store")
+    assert "train/BERET/café.jpg" in set(data.index["filepaths"])
+    assert data.manifest["notes"] == ["headgear.csv is not UTF-8; read it as cp1252"]
+
+
+def test_a_csv_row_without_a_file_path_is_named(tmp_path):
+    folder = make_layout(tmp_path / "d", extra_rows=["1,,BERET,train"])
+    with pytest.raises(DataError, match=r"headgear.csv: row 44 .* has no 'filepaths'; fill it in or delete the row"):
+        prepare(folder, tmp_path / "store")
+
+
+def test_a_damaged_zip_member_is_named_and_the_archive_refused(layout, tmp_path):
+    archive = zip_folder(layout, tmp_path / "headgear.zip")
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo("train/BERET/002.jpg")
+    raw = bytearray(archive.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    raw[start + 100 : start + 140] = bytes(40)  # the stored bytes change; the CRC recorded does not
+    archive.write_bytes(raw)
+    with pytest.raises(
+        DataError, match=r"headgear.zip: the member train/BERET/002.jpg is damaged .*download the archive again"
+    ):
+        prepare(archive, tmp_path / "store")
+
+
+def test_a_deflated_member_that_does_not_inflate_is_named(layout, tmp_path):
+    archive = tmp_path / "headgear.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("headgear/train/BERET/notes.txt", "words " * 2000)
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo("headgear/train/BERET/notes.txt")
+    raw = bytearray(archive.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    raw[start : start + 8] = b"\xff" * 8  # not a deflate stream
+    archive.write_bytes(raw)
+    with pytest.raises(DataError, match="the member headgear/train/BERET/notes.txt is damaged"):
+        prepare(archive, tmp_path / "store")
+
+
+def test_an_archive_that_inflates_beyond_the_limits_is_refused_before_extracting(layout, tmp_path, monkeypatch):
+    archive = zip_folder(layout, tmp_path / "bomb.zip")
+    with zipfile.ZipFile(archive, "a", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("padding.bin", bytes(8_000_000))  # 8 MB of zeros: some 8 kB in the archive
+    assert archive.stat().st_size < 200_000
+    with pytest.raises(DataError, match=r"refusing to extract .*bomb.zip: it inflates to .* 100 times its size"):
+        prepare(archive, tmp_path / "store")
+    monkeypatch.setenv("HEADGEAR_MAX_RATIO", "1000")
+    monkeypatch.setenv("HEADGEAR_MAX_EXTRACT_GB", "0.005")
+    with pytest.raises(DataError, match=r"beyond the limits of 5.0 MB and 1000 times"):
+        prepare(archive, tmp_path / "store")
+    monkeypatch.setenv("HEADGEAR_MAX_EXTRACT_GB", "0.01")
+    assert prepare(archive, tmp_path / "store").manifest["counts"]["train"] == 24
+    monkeypatch.setenv("HEADGEAR_MAX_RATIO", "many")
+    with pytest.raises(DataError, match="HEADGEAR_MAX_RATIO='many': expected a number above 0"):
+        prepare(archive, tmp_path / "store2")
+
+
+def test_headers_that_understate_the_size_do_not_get_past_the_limit(tmp_path):
+    archive = tmp_path / "liar.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.bin", bytes(3_000_000))
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo("zeros.bin")
+    raw = bytearray(archive.read_bytes())
+    central = raw.rindex(b"PK\x01\x02")  # the central directory's record of the one member
+    raw[central + 24 : central + 28] = (1000).to_bytes(4, "little")  # claims 1000 bytes uncompressed
+    raw[info.header_offset + 22 : info.header_offset + 26] = (1000).to_bytes(4, "little")
+    archive.write_bytes(raw)
+    with pytest.raises(DataError, match="liar.zip: the member zeros.bin is damaged"):
+        safe_extract(archive, tmp_path / "out")
+    assert (tmp_path / "out" / "zeros.bin").stat().st_size <= 1000
+
+
+def test_an_empty_zip_is_named_as_given(tmp_path):
+    archive = tmp_path / "empty.zip"
+    zipfile.ZipFile(archive, "w").close()
+    with pytest.raises(DataError, match=rf"{archive} is an empty zip archive"):
+        prepare(archive, tmp_path / "store")
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("readme.txt", "no images")
+    with pytest.raises(DataError, match=rf"^{archive} has neither a train/ folder"):
+        prepare(archive, tmp_path / "store")
+
+
+def test_check_source_tells_at_once_what_cannot_be_used(layout, tmp_path):
+    zip_path = zip_folder(layout, tmp_path / "headgear.zip")
+    for usable in (zip_path, layout, prepare(layout, tmp_path / "store").root):
+        check_source(str(usable))
+    check_source("kaggle", allow_kaggle=True)
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty").mkdir()
+    refused = {
+        "kaggle": "run the pipeline",
+        str(tmp_path / "notes.txt"): "is a file but not a zip archive",
+        str(tmp_path / "empty"): "has neither a train/ folder nor a CSV",
+        str(tmp_path / "nothing"): "is not a file or folder here",
+    }
+    for source, message in refused.items():
+        with pytest.raises(DataError, match=message):
+            check_source(source)

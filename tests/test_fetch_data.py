@@ -97,7 +97,7 @@ def test_with_a_server_each_content_hash_is_registered_once(layout, tmp_path, mo
     from clearml import Dataset
 
     from components.data import prepare
-    from components.fetch_data import DATASET_PROJECT, register_dataset
+    from components.tracking import DATASET_PROJECT, register_dataset
     from tests.conftest import make_layout
 
     registry = []

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from components.tracking import child_environment
+from components.tracking import TrackingError, child_environment
 from pipelines.run_pipeline import DAG
 from tests.conftest import CLASSES, REPO, make_layout
 from tests.sessions import read_session, scalars
@@ -384,7 +384,7 @@ def test_a_model_that_cannot_be_downloaded_is_a_clear_error(monkeypatch, tmp_pat
 
     monkeypatch.setattr("components.tracking.server_configured", lambda: True)
     monkeypatch.setattr(clearml, "InputModel", Unreachable)
-    with pytest.raises(FileNotFoundError, match="no ClearML model abc123 could be downloaded.*--output-uri"):
+    with pytest.raises(TrackingError, match="no ClearML model abc123 could be downloaded.*--output-uri"):
         checkpoints.local_copy("abc123")
 
 

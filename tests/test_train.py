@@ -13,7 +13,7 @@ import torch
 from components import checkpoints
 from components.presets import PRESETS, preset
 from components.train import learning_rate, train
-from tests.conftest import make_layout
+from tests.conftest import make_layout, write_image
 from tests.sessions import read_session, scalars
 
 
@@ -177,6 +177,69 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     train(data, "smoke", tmp_path / "run", epochs=1, batch_size=8)
     with pytest.raises(ValueError, match="trained with other settings"):
         train(data, "smoke", tmp_path / "run", resume=True, epochs=1, batch_size=4)
+
+
+@pytest.mark.parametrize("other", ["a class more", "other images of the same classes"])
+def test_resume_onto_other_data_is_refused_before_last_pt_is_touched(tmp_path, other):
+    from components.data import DataError
+
+    data = str(make_layout(tmp_path / "data", per_split=(8, 2, 2)))
+    train(data, "smoke", tmp_path / "run", epochs=1, batch_size=8)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    if other == "a class more":
+        other_data = make_layout(tmp_path / "other", per_split=(8, 2, 2), csv_name=None)
+        for split_index, (split, count) in enumerate((("train", 8), ("valid", 2), ("test", 2))):
+            for i in range(count):
+                write_image(other_data / split / "TOP HAT" / f"{i}.jpg", seed=5000 + 10 * i + split_index)
+    else:
+        other_data = make_layout(tmp_path / "other", per_split=(9, 2, 2))
+    with pytest.raises(
+        DataError, match=r"--resume: .*last.pt was trained on data version \w+ .*train into a new --output"
+    ):
+        train(str(other_data), "smoke", tmp_path / "run", resume=True, epochs=1, batch_size=8)
+    assert last.read_bytes() == before
+
+
+def test_a_damaged_or_foreign_checkpoint_says_what_is_wrong(tmp_path):
+    good = tmp_path / "good.pt"
+    checkpoints.save_atomic({"model": {"w": torch.zeros(4000)}, "config": {}}, good)
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:3000])
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    torch.save({"model": {}, "config": Path("x")}, tmp_path / "objects.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    expected = {
+        "cut.pt": "is not a readable checkpoint .*best.pt beside it, or train into a new --output",
+        "notes.pt": "is not a readable checkpoint",
+        "objects.pt": "holds objects other than weights",
+        "other.pt": "is not a checkpoint of this project",
+        "missing.pt": "no checkpoint at",
+    }
+    for name, message in expected.items():
+        with pytest.raises(checkpoints.CheckpointError, match=message):
+            checkpoints.load(tmp_path / name)
+    assert checkpoints.load(good)["model"]["w"].shape == (4000,)
+    with pytest.raises(checkpoints.CheckpointError, match="good.pt: its weights do not fit the model"):
+        checkpoints.load_model(good)
+
+
+def test_a_failed_write_names_the_file_and_keeps_the_previous_checkpoint(tmp_path):
+    import resource
+    import signal
+
+    path = tmp_path / "last.pt"
+    checkpoints.save_atomic({"model": {"w": torch.zeros(10)}, "config": {}}, path)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, limits[1]))  # a disk that takes no larger file
+    try:
+        with pytest.raises(OSError, match=rf"could not write {path}: File too large"):
+            checkpoints.save_atomic({"model": {"w": torch.zeros(100_000)}, "config": {}}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert checkpoints.load(path)["model"]["w"].shape == (10,)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
 def test_the_schedule_warms_up_then_decays_to_min_lr():
