@@ -34,8 +34,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: make `components`, `model`, `pipelines` importable
 
-from components.presets import PRESETS  # noqa: E402
-from components.tracking import PROJECT, TrackingError, check_server, child_environment, server_configured  # noqa: E402
+from components import cli  # noqa: E402
+from components.data import check_source  # noqa: E402
+from components.presets import PRESETS, ConfigError  # noqa: E402
+from components.tracking import PROJECT, check_server, child_environment, server_configured  # noqa: E402
 from model import ATTENTION_IMPLEMENTATIONS, MODEL_PRESETS  # noqa: E402
 from pipelines import steps  # noqa: E402
 
@@ -70,6 +72,7 @@ DAG: dict[str, Step] = {
             "preset": "${pipeline.preset}",
             "epochs": "${pipeline.epochs}",
             "seed": "${pipeline.seed}",
+            "init": "${pipeline.init}",
         },
         returns=("checkpoint", "result"),
         parents=("fetch_data",),
@@ -134,6 +137,8 @@ PARAMETER_HELP = {
     "preset": f"training preset: {', '.join(PRESETS)}",
     "epochs": "training epochs; 0 keeps the preset's",
     "seed": "random seed of the training run",
+    "init": "initial weights: timm:<model name>, or a ClearML model id (server mode) or a .pt file (local mode); "
+    "empty: the preset's",
     "highres_size": "image size of the high-resolution evaluation",
     "finetune_steps": "SGD steps of the fine-tune at the high resolution; 0 skips it",
     "benchmark": "attention benchmark sweep: auto (full on a GPU, quick on a CPU), quick or full",
@@ -233,7 +238,7 @@ def git_source() -> tuple[str, str]:
 
     url, commit = git("remote", "get-url", "origin"), git("rev-parse", "HEAD")
     if not url or not commit:
-        raise ValueError(
+        raise ConfigError(
             "server mode runs the steps from a git repository the agents can clone: push this "
             "checkout to a remote (origin) or pass --repo URL --commit SHA"
         )
@@ -247,7 +252,7 @@ def step_queues(queue: str, cpu_queue: str, overrides: dict[str, str]) -> dict[s
     steps that need no GPU and ``queue`` for the others."""
     unknown = set(overrides) - set(DAG)
     if unknown:
-        raise ValueError(f"--step-queue names unknown steps {sorted(unknown)}; the steps are {', '.join(DAG)}")
+        raise ConfigError(f"--step-queue names unknown steps {sorted(unknown)}; the steps are {', '.join(DAG)}")
     return {name: overrides.get(name, queue if step.gpu else cpu_queue) for name, step in DAG.items()}
 
 
@@ -360,7 +365,7 @@ def run_server(args: argparse.Namespace, params: dict) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser("run_pipeline", __doc__)
     parser.add_argument("--data", default="kaggle", help=f"{PARAMETER_HELP['data']} (default: kaggle)")
     parser.add_argument(
         "--preset", default="vit-ti16-224", choices=list(PRESETS), help="training preset (default: vit-ti16-224)"
@@ -404,16 +409,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--repo", default=None, help="git URL the agents clone (default: this checkout's origin)")
     parser.add_argument("--commit", default=None, help="commit the agents run, with --repo (default: its HEAD)")
-    parser.add_argument("--epochs", type=int, default=0, help=PARAMETER_HELP["epochs"])
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the training run (default: 0)")
+    parser.add_argument("--epochs", type=cli.nonnegative_int, default=0, help=PARAMETER_HELP["epochs"])
+    parser.add_argument(
+        "--seed", type=cli.nonnegative_int, default=0, help="random seed of the training run (default: 0)"
+    )
+    parser.add_argument("--init", default="", metavar="SOURCE", help=PARAMETER_HELP["init"])
     parser.add_argument(
         "--highres-size",
-        type=int,
+        type=cli.positive_int,
         default=None,
         help="size of the high-resolution evaluation (default: 384 for 224 presets, the same ratio for others)",
     )
     parser.add_argument(
-        "--finetune-steps", type=int, default=300, help=f"{PARAMETER_HELP['finetune_steps']} (default: 300)"
+        "--finetune-steps",
+        type=cli.nonnegative_int,
+        default=300,
+        help=f"{PARAMETER_HELP['finetune_steps']} (default: 300)",
     )
     parser.add_argument(
         "--benchmark", default="auto", choices=["auto", "quick", "full"], help=PARAMETER_HELP["benchmark"]
@@ -424,6 +435,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError:
         parser.error("--step-queue takes STEP=QUEUE")
     return args
+
+
+def check_inputs(params: dict, mode: str) -> None:
+    """Refuses, in seconds and before the first step, a data source or an initial-weights source
+    the steps could not use."""
+    check_source(params["data"], allow_kaggle=True)
+    init = params["init"]
+    if init and not init.startswith("timm:"):
+        if mode == "server" and Path(init).exists():
+            raise ConfigError(
+                f"--init {init}: a file on this machine does not reach the agents; register it as a ClearML model "
+                f"and pass its id, or pass timm:<model name>"
+            )
+        if mode == "local" and not Path(init).is_file():
+            raise ConfigError(f"--init {init}: no such file; pass a .pt file, or timm:<model name>")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -441,16 +467,18 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset,
         "epochs": args.epochs,
         "seed": args.seed,
+        "init": str(Path(args.init).resolve()) if args.init and Path(args.init).exists() else args.init,
         "highres_size": args.highres_size or default_highres_size(args.preset),
         "finetune_steps": args.finetune_steps,
         "benchmark": args.benchmark,
     }
     try:
+        check_inputs(params, mode)
         if mode == "server":
             return run_server(args, params)
         print(f"local run into {output} (ClearML offline; no server configured or --local)")
         return run_local(params, output)
-    except (TrackingError, ValueError) as error:
+    except cli.INPUT_ERRORS as error:
         print(f"run_pipeline: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -30,13 +30,15 @@ def fetch_data_step(source: str, *, output: str = "outputs"):
     return result["dataset_id"] or result["path"], result
 
 
-def train_step(data: str, preset: str, epochs: int, seed: int, *, output: str = "outputs"):
+def train_step(data: str, preset: str, epochs: int, seed: int, init: str, *, output: str = "outputs"):
     from pathlib import Path
 
     from components.tracking import upload_plots
     from components.train import train
 
     overrides = {"epochs": int(epochs)} if int(epochs) > 0 else {}  # 0: the preset's
+    if init:  # empty: the preset's (from scratch, or the finetune preset's timm weights)
+        overrides["init"] = init
     result = upload_plots(train(data, preset, Path(output) / "train", seed=int(seed), **overrides))
     return result["model_id"] or result["checkpoint"], result
 

@@ -135,7 +135,7 @@ def test_an_unreachable_server_is_one_line(tmp_path, prepared):
     env = child_environment(CLEARML_API_HOST=f"http://127.0.0.1:{closed_port()}")
     env.pop("CLEARML_OFFLINE_MODE")
     line = error_line(run("train", "--data", prepared, "--output", tmp_path, env=env), "train")
-    assert "did not answer" in line
+    assert "refused the connection" in line
 
 
 def test_a_damaged_zip_member_is_named_by_fetch_data(tmp_path):
@@ -198,3 +198,35 @@ def test_only_the_projects_own_errors_become_one_line():
 
     with pytest.raises(ValueError, match="a bug"):
         cli.run(parser, bug)
+
+
+def run_pipeline(*args):
+    return subprocess.run(
+        [sys.executable, "pipelines/run_pipeline.py", "--local", *map(str, args)],
+        cwd=REPO,
+        env=child_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "-1"], "argument --epochs: expected a whole number of 0 or more, got '-1'"),
+        (["--finetune-steps", "-3"], "argument --finetune-steps: expected a whole number of 0 or more"),
+        (["--highres-size", "0"], "argument --highres-size: expected a whole number of 1 or more"),
+        (["--data", "no-such-archive.zip"], "data source 'no-such-archive.zip' is not a file or folder here"),
+        (["--data", "README.md"], "README.md is a file but not a zip archive"),
+        (["--init", "no-such-weights.pt"], "--init no-such-weights.pt: no such file"),
+    ],
+)
+def test_the_pipeline_checks_its_inputs_before_the_first_step(tmp_path, args, message):
+    import time
+
+    started = time.monotonic()
+    result = run_pipeline("--output", tmp_path / "run", "--preset", "smoke", *args)
+    assert message in error_line(result, "run_pipeline")
+    assert time.monotonic() - started < 30  # no step ran: the attention benchmark alone takes longer
+    assert not (tmp_path / "run" / "steps").exists()

@@ -201,6 +201,7 @@ def test_the_server_mode_pipeline_has_the_dag_types_queues_image_and_parameters(
         "preset",
         "epochs",
         "seed",
+        "init",
         "highres_size",
         "finetune_steps",
         "benchmark",
@@ -219,6 +220,7 @@ def test_the_server_mode_pipeline_has_the_dag_types_queues_image_and_parameters(
     # the cache hashes fetch_data's parameters: only the data source, the same on every run
     assert nodes["fetch_data"]["parameters"] == {"kwargs/source": "${pipeline.data}"}
     assert nodes["train"]["parameters"]["kwargs/preset"] == "${pipeline.preset}"
+    assert nodes["train"]["parameters"]["kwargs/init"] == "${pipeline.init}"  # --init, in both modes
     assert nodes["train"]["parameters"]["kwargs_artifacts/data"] == "${fetch_data.id}.data"
     assert nodes["highres"]["parameters"]["kwargs_artifacts/checkpoint"] == "${train.id}.checkpoint"
     # the pipeline page shows the results
@@ -305,7 +307,7 @@ def test_steps_take_parameters_as_an_agent_passes_them(tmp_path):
 
     data = make_layout(tmp_path / "data", per_split=(8, 2, 2))
     fetched_data, fetched = steps.fetch_data_step(str(data), output=str(tmp_path / "run"))
-    checkpoint, trained = steps.train_step(fetched_data, "smoke", "1", "3", output=str(tmp_path / "run"))
+    checkpoint, trained = steps.train_step(fetched_data, "smoke", "1", "3", "", output=str(tmp_path / "run"))
     assert len(trained["train_loss"]) == 1 and Path(checkpoint).is_file()
     result = steps.highres_step(checkpoint, fetched_data, "48", "2", output=str(tmp_path / "run"))
     assert result["image_size"] == 48 and len(result["finetune_losses"]) == 2
