@@ -13,7 +13,7 @@ import pytest
 
 from components.tracking import child_environment
 from pipelines.run_pipeline import DAG, build_controller, default_highres_size
-from tests.conftest import FASHION_ZIP, REPO, closed_port, make_layout
+from tests.conftest import REPO, SHAPE_CLASSES, SHAPES_PER_SPLIT, closed_port, make_layout
 from tests.sessions import read_session, scalars
 
 SUMMARY_KEYS = {
@@ -37,11 +37,9 @@ def run_pipeline(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_the_local_run_end_to_end(tmp_path):
-    if not FASHION_ZIP.is_file():
-        pytest.skip(f"{FASHION_ZIP} is not here")
+def test_the_local_run_end_to_end(shapes_zip, tmp_path):
     run = run_pipeline(
-        "--data", str(FASHION_ZIP), "--preset", "smoke", "--output", str(tmp_path), "--finetune-steps", "30"
+        "--data", str(shapes_zip), "--preset", "smoke", "--output", str(tmp_path), "--finetune-steps", "30"
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -54,10 +52,10 @@ def test_the_local_run_end_to_end(tmp_path):
     highres = json.loads((tmp_path / "highres" / "highres.json").read_text())
     benchmark = json.loads((tmp_path / "benchmark_attention" / "benchmark.json").read_text())
     assert summary["dataset"] == {
-        "source": str(FASHION_ZIP),
+        "source": str(shapes_zip),
         "version": fetched["version"],
         "classes": fetched["classes"],
-        "counts": {"train": 3600, "valid": 500, "test": 500},
+        "counts": {split: n * len(SHAPE_CLASSES) for split, n in SHAPES_PER_SPLIT.items()},
     }
     assert summary["train"] == {
         "preset": "smoke",
