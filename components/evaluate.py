@@ -109,7 +109,15 @@ def evaluate(
             "image_size": size,
             "num_images": len(labels),
             "per_class": report.to_dict(orient="records"),
-            "plots": [str(output_json.with_suffix(".confusion.png"))],
+            "plots": [
+                {
+                    "path": str(output_json.with_suffix(".confusion.png")),
+                    "caption": f"Confusion matrix of the {len(labels)} {params['split']} images at {size} px: "
+                    "row = the true class, column = the predicted one, the number in a cell counts those images. "
+                    "The diagonal holds the correct answers; a dark cell off it names two classes the model "
+                    "confuses.",
+                }
+            ],
         }
         for name in ("test_accuracy", "test_top5_accuracy", "test_loss"):
             tracker.scalar(name.removeprefix("test_"), f"{params['split']} @ {size}", result[name], 0)

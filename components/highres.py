@@ -289,30 +289,50 @@ def highres(
         figure = grouped_bars_figure(
             list(shown["variant"]),
             {"test accuracy": list(shown["accuracy"])},
-            "accuracy",
-            f"trained at {native}, evaluated at {size}",
+            "variant",
+            "test accuracy (fraction correct)",
+            f"trained at {native} px, evaluated at {size} px",
         )
         figure.savefig(output_json.with_suffix(".png"), dpi=120)
         tracker.figure("accuracy by variant", figure)
+        captions = {
+            ".png": f"Test accuracy at {size} px of the model trained at {native} px, one bar per way of moving it "
+            f"to the new size: position embeddings interpolated bilinearly or bicubically, then with the attention "
+            f"sharpened, then fine-tuned at {size} px, then with only part of the fine-tune kept; the first bar is "
+            f"the model at its own size, the mark to reach. A missing bar was not run.",
+            ".attention.png": "How the attention scale was chosen: validation loss and accuracy at "
+            f"{size} px (bicubic position embeddings) with the attention logits multiplied by each factor; the "
+            "dashed line marks the factor with the lowest loss, used from then on.",
+            ".interpolation.png": "How much of the fine-tune was kept: validation loss and accuracy with the "
+            "weights moved from the bicubic model (0) to the fine-tuned one (1); the dashed line marks the share "
+            "with the lowest loss, which is the saved model.",
+            ".pos_embed.png": f"Cosine similarity between position embeddings, as in the paper's Figure 7: tile "
+            f"(row, column) stands for one patch and shows, pixel by pixel, how similar its embedding is to "
+            f"each patch's. Left as trained ({native} px), right interpolated to {size} px: a bright spot at each "
+            f"tile's own place means the embeddings encode position, and interpolation should keep that pattern.",
+        }
         curves = {  # suffix: (curve, x axis, ClearML title, plot title)
             "attention": (
                 calibration,
-                "attention logits multiplied by",
+                "attention logits multiplied by (x)",
                 "attention scale",
-                f"bicubic at {size}, trained at {native}",
+                f"bicubic at {size} px, trained at {native} px",
             )
         }
         if interpolation is not None:
             curves["interpolation"] = (
                 interpolation,
-                "share of the fine-tune's change kept",
+                "share of the fine-tune's change kept (0 to 1)",
                 "fine-tune kept",
-                f"fine-tuned at {size}, trained at {native}",
+                f"fine-tuned at {size} px, trained at {native} px",
             )
         for suffix, (curve, xlabel, name, title) in curves.items():
             figure = factor_figure(
                 list(curve["factor"]),
-                {"validation loss": list(curve["loss"]), "validation accuracy": list(curve["accuracy"])},
+                {
+                    "validation loss (cross-entropy)": list(curve["loss"]),
+                    "validation accuracy (fraction correct)": list(curve["accuracy"]),
+                },
                 chosen(curve),
                 xlabel,
                 title,
@@ -349,7 +369,7 @@ def highres(
             "checkpoint": str(model_path),
             "model_id": model_id,
             "plots": [
-                str(output_json.with_suffix(suffix))
+                {"path": str(output_json.with_suffix(suffix)), "caption": captions[suffix]}
                 for suffix in (".png", *(f".{name}.png" for name in curves), ".pos_embed.png")
             ],
         }

@@ -19,9 +19,11 @@ import collections
 import copy
 import functools
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -270,7 +272,8 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
     first epoch to the end of the last, the device idle at both) and "seconds_by_phase" (of the
     loop, after the first epoch; checkpoints count until their tensors are on the host, the
     files are written meanwhile), "classes", "data_version", "model_id" (with a server),
-    "plots", "clearml"}``; also written to ``output/train.json``."""
+    "config", "device", "versions" (torch, clearml), "plots" ({"path", "caption"}), "clearml"}``;
+    also written to ``output/train.json``."""
     output = Path(output)
     config = preset(preset_name, **overrides)
     device = pick_device(device)
@@ -425,12 +428,11 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
 
         figure = curves_figure(
             {
-                "train loss": history["train_loss"],
-                "valid loss": history["val_loss"],
-                "valid accuracy": history["val_accuracy"],
+                "cross-entropy loss": {"train": history["train_loss"], "valid": history["val_loss"]},
+                "validation accuracy (fraction correct)": {"valid": history["val_accuracy"]},
             },
             "epoch",
-            "value",
+            f"training {config.model} at {config.image_size} px, preset {preset_name}",
             x=history["epoch"],
         )
         figure.savefig(output / "curves.png", dpi=120)
@@ -450,7 +452,19 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             "classes": classes,
             "data_version": dataset.version,
             "model_id": model_id,
-            "plots": [str(output / "curves.png")],
+            "config": asdict(config),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+            "versions": {package: metadata.version(package) for package in ("torch", "clearml")},
+            "plots": [
+                {
+                    "path": str(output / "curves.png"),
+                    "caption": "Training curves, one point per validation. Left: the training loss (mean over "
+                    "the epoch's augmented batches, with label smoothing, so it stays above zero) and the "
+                    "validation loss; right: the share of validation images classified correctly. Both losses "
+                    "falling means the model learns; a validation loss rising while the training loss falls "
+                    "means it overfits.",
+                }
+            ],
         }
     result["clearml"] = tracker.session
     write_json(result, output / "train.json")

@@ -57,9 +57,9 @@ def test_highres_switches_the_grid_evaluates_and_finetuning_lowers_the_loss(smok
     assert result["finetune_kept"] == min(shares, key=lambda row: row["loss"])["factor"]
     if result["finetune_kept"] == 1.0:
         assert result["test_loss_finetuned_interpolated"] == pytest.approx(result["test_loss_finetuned"])
-    for plot in result["plots"]:
-        assert Path(plot).is_file()
-    assert {Path(plot).name for plot in result["plots"]} == {
+    for plot in result["plots"]:  # each drawn, and said in words what it shows
+        assert Path(plot["path"]).is_file() and len(plot["caption"]) > 80
+    assert {Path(plot["path"]).name for plot in result["plots"]} == {
         f"highres.{name}png" for name in ("", "attention.", "interpolation.", "pos_embed.")
     }
     assert json.loads((tmp_path / "highres.json").read_text())["checkpoint"] == result["checkpoint"]

@@ -3,13 +3,16 @@ can run here), and a failing step."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from components.tracking import child_environment
 from pipelines.run_pipeline import DAG, build_controller, default_highres_size
@@ -97,8 +100,16 @@ def test_the_local_run_end_to_end(shapes_zip, tmp_path):
     assert scalars(read_session(sessions["evaluate"]), "accuracy", "test @ 32") == [evaluated["test_accuracy"]]
     assert len(scalars(read_session(sessions["highres"]), "fine-tune loss", "train @ 56")) == 30
 
+    # the report: every plot inline with its caption, nothing fetched from outside the file, what ran
     report = (tmp_path / "report.html").read_text()  # curves, confusion, 384 bars, 2 curves, pos-embed, benchmark
-    assert report.count("data:image/png;base64,") == 7 and "clearml-task --import-offline-session" in report
+    sources = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", report)
+    assert len(sources) == 7 and all(source.startswith("data:image/png;base64,") for source in sources)
+    assert not re.search(r"<link|<script|<iframe|url\(|@import", report)
+    captions = [plot["caption"] for step in (trained, evaluated, highres, benchmark) for plot in step["plots"]]
+    assert len(captions) == 7
+    assert all(f"<figcaption>{html.escape(caption)}</figcaption>" in report for caption in captions)
+    assert "clearml-task --import-offline-session" in report and "<dt>seed</dt><dd>0</dd>" in report
+    assert all(fact in report for fact in (fetched["version"], trained["device"], f"torch {torch.__version__}"))
     assert "test accuracy @ 56, bicubic + fine-tuned" in run.stdout  # the table on stdout
     assert f"fine-tuned, x{highres['finetune_kept']:.2f} of its change kept" in run.stdout
 
