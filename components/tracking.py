@@ -185,4 +185,5 @@ def _keep_offline_session(task_id: str, output_dir: Path, component: str) -> Pat
     target = output_dir / f"{component}.clearml-offline.zip"
     shutil.move(str(folder.with_suffix(".zip")), target)
     shutil.rmtree(folder, ignore_errors=True)
+    print(f"ClearML Task: offline session moved to {target}")  # ClearML has just named the old place
     return target
