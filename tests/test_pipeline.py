@@ -40,6 +40,7 @@ def run_pipeline(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_the_local_run_end_to_end(shapes_zip, tmp_path):
     run = run_pipeline(
         "--data", str(shapes_zip), "--preset", "smoke", "--output", str(tmp_path), "--finetune-steps", "30"

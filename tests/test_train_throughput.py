@@ -17,6 +17,7 @@ from model import MODEL_PRESETS
 from tests.conftest import REPO
 
 
+@pytest.mark.slow
 def test_the_small_setting_prints_every_row(tmp_path):
     from tests.conftest import make_layout
 
