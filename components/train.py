@@ -454,7 +454,7 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             "model_id": model_id,
             "config": asdict(config),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-            "versions": {package: metadata.version(package) for package in ("torch", "clearml")},
+            "versions": {"torch": torch.__version__, "clearml": metadata.version("clearml")},
             "plots": [
                 {
                     "path": str(output / "curves.png"),
