@@ -131,12 +131,14 @@ def factor_figure(factors: list[float], metrics: dict[str, list[float]], chosen:
     for axis, (name, values) in zip(axes[0], metrics.items()):
         axis.plot(factors, values, marker=".")
         axis.axvline(chosen, color="grey", linestyle="--")
+        right_half = chosen > (min(factors) + max(factors)) / 2  # the label goes where there is room
         axis.annotate(
             f"chosen x{chosen:.2f}",
             (chosen, 1),
             xycoords=("data", "axes fraction"),
-            xytext=(3, -12),
+            xytext=(-3 if right_half else 3, -12),
             textcoords="offset points",
+            ha="right" if right_half else "left",
             fontsize=7,
             color="grey",
         )
