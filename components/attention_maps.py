@@ -23,6 +23,12 @@ from model.attention_maps import attention_maps
 SAMPLE_SIZE = 8
 SAMPLE_SEED = 0
 COLOUR_MAP = "inferno"
+CAPTION = (
+    "Where the model looks: a fixed sample of test images (correct ones first, then misclassified ones; the "
+    "title gives the true class and the prediction, green when right), each with its attention rollout over "
+    "all blocks (how much the class token draws, through every layer, on each patch) and the last block's "
+    "class-token attention per head, bright where attention is high. {views}"
+)
 
 
 def attention_sample(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -16,3 +18,8 @@ def mixed_precision(device: torch.device) -> torch.autocast:
     """bf16 autocast on a GPU, float32 on a CPU: the one precision that training, evaluation and
     the benchmarks compute in. A reusable context: ``with mixed_precision(device): ...``."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def describe_device(device: torch.device) -> str:
+    """The device in words, for reports: the GPU's name, or the CPU and its cores."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from components import checkpoints, cli
 from components.atomic import write_json
+from components.attention_maps import CAPTION as ATTENTION_CAPTION
 from components.attention_maps import attention_figure, attention_sample
 from components.data import DataError, check_source, decode_split, resolve, to_input
 from components.devices import mixed_precision, pick_device
@@ -109,7 +110,15 @@ def evaluate(
             "image_size": size,
             "num_images": len(labels),
             "per_class": report.to_dict(orient="records"),
-            "plots": [str(output_json.with_suffix(".confusion.png"))],
+            "plots": [
+                {
+                    "path": str(output_json.with_suffix(".confusion.png")),
+                    "caption": f"Confusion matrix of the {len(labels)} {params['split']} images at {size} px: "
+                    "row = the true class, column = the predicted one, the number in a cell counts those images. "
+                    "The diagonal holds the correct answers; a dark cell off it names two classes the model "
+                    "confuses.",
+                }
+            ],
         }
         for name in ("test_accuracy", "test_top5_accuracy", "test_loss"):
             tracker.scalar(name.removeprefix("test_"), f"{params['split']} @ {size}", result[name], 0)
@@ -125,7 +134,8 @@ def evaluate(
         figure = attention_figure({f"at {size}": (model, images[sample])}, labels[sample], classes)
         figure.savefig(output_json.with_suffix(".attention_maps.png"), dpi=100)
         tracker.figure("attention maps", figure)
-        result["plots"].append(str(output_json.with_suffix(".attention_maps.png")))
+        caption = ATTENTION_CAPTION.format(views=f"At the size the model was trained at, {size} px.")
+        result["plots"].append({"path": str(output_json.with_suffix(".attention_maps.png")), "caption": caption})
         tracker.artifact("metrics", {k: v for k, v in result.items() if k not in ("per_class", "plots")})
     result["clearml"] = tracker.session
     write_json(result, output_json)

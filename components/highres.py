@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from components import checkpoints, cli
 from components.atomic import write_json
+from components.attention_maps import CAPTION as ATTENTION_CAPTION
 from components.attention_maps import attention_figure, attention_sample
 from components.augment import augment, endless_batches
 from components.data import DataVersion, check_source, decode_split, resolve, to_input
@@ -219,14 +220,15 @@ def _finetuned_interpolated(resizing: Resizing) -> ViT | None:
 
 class Curve(NamedTuple):
     """The validation curve a variant's one number was chosen on, as highres plots it: the result
-    key of its points, the plot file's suffix, its x axis, its ClearML title and what the
-    plotted model started from."""
+    key of its points, the plot file's suffix, its x axis, its ClearML title, what the
+    plotted model started from and the plot's caption (``{size}``: the new size)."""
 
     key: str
     suffix: str
     xlabel: str
     title: str
     start: str
+    caption: str
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,7 @@ class Variant:
 
     name: str
     label: Callable[[dict], str]
+    meaning: str  # what the row means, for the run's report (``{size}``: the new size)
     build: Callable[[Resizing], ViT | None]
     chose: str | None = None
     curve: Curve | None = None
@@ -250,15 +253,33 @@ class Variant:
 VARIANTS = {  # in the order built: each may start from those before
     variant.name: variant
     for variant in (
-        Variant("bilinear", lambda result: "interpolated, bilinear", lambda resizing: resizing.resized("bilinear")),
-        Variant("bicubic", lambda result: "interpolated, bicubic", lambda resizing: resizing.resized("bicubic")),
+        Variant(
+            "bilinear",
+            lambda result: "interpolated, bilinear",
+            "the same model at {size} px, its position embeddings interpolated bilinearly, no training",
+            lambda resizing: resizing.resized("bilinear"),
+        ),
+        Variant(
+            "bicubic",
+            lambda result: "interpolated, bicubic",
+            "the same, interpolated bicubically (the paper's way)",
+            lambda resizing: resizing.resized("bicubic"),
+        ),
         Variant(
             "bicubic_calibrated",
             lambda result: f"bicubic, attention x{result['attention_scale']:.2f}",
+            "bicubic, the attention logits multiplied by the factor with the lowest validation loss",
             _calibrated,
             chose="attention_scale",
             curve=Curve(
-                "attention_calibration", "attention", "attention logits multiplied by", "attention scale", "bicubic"
+                "attention_calibration",
+                "attention",
+                "attention logits multiplied by (x)",
+                "attention scale",
+                "bicubic",
+                "How the attention scale was chosen: validation loss and accuracy at {size} px (bicubic position "
+                "embeddings) with the attention logits multiplied by each factor; the dashed line marks the factor "
+                "with the lowest loss, used from then on.",
             ),
         ),
         Variant(
@@ -268,6 +289,7 @@ VARIANTS = {  # in the order built: each may start from those before
                 if result["test_accuracy_finetuned"] is not None
                 else "bicubic + fine-tuned (skipped: --finetune-steps 0)"
             ),
+            "bicubic, then a short fine-tune at {size} px on the training images ('-': not run)",
             _finetuned,
         ),
         Variant(
@@ -277,14 +299,19 @@ VARIANTS = {  # in the order built: each may start from those before
                 if result["finetune_kept"] is not None
                 else "fine-tuned, part of its change kept (skipped)"
             ),
+            "the fine-tuned weights moved back toward the bicubic ones by the share with the lowest validation "
+            "loss: the saved model",
             _finetuned_interpolated,
             chose="finetune_kept",
             curve=Curve(
                 "finetune_interpolation",
                 "interpolation",
-                "share of the fine-tune's change kept",
+                "share of the fine-tune's change kept (0 to 1)",
                 "fine-tune kept",
                 "fine-tuned",
+                "How much of the fine-tune was kept: validation loss and accuracy with the weights moved from the "
+                "bicubic model (0) to the fine-tuned one (1); the dashed line marks the share with the lowest loss, "
+                "which is the saved model.",
             ),
         ),
     )
@@ -341,39 +368,62 @@ def accuracy_table(result: dict, reference: dict, metrics: dict[str, dict]) -> p
     return pd.DataFrame(rows).astype({"gained": "Int64", "lost": "Int64"})
 
 
-def report_figures(result: dict, table: pd.DataFrame, resizing: Resizing, output_json: Path) -> list[str]:
+def report_figures(result: dict, table: pd.DataFrame, resizing: Resizing, output_json: Path) -> list[dict]:
     """The accuracy of each variant, the validation curve of each number chosen and the position
     embeddings' similarity before and after the resize: saved next to ``output_json`` and
-    reported; returns their paths."""
+    reported; returns their ``{"path", "caption"}``."""
     size, native = result["image_size"], result["trained_image_size"]
     shown = table.dropna(subset=["accuracy"])
     bars = grouped_bars_figure(
         list(shown["variant"]),
         {"test accuracy": list(shown["accuracy"])},
-        "accuracy",
-        f"trained at {native}, evaluated at {size}",
+        "variant",
+        "test accuracy (fraction correct)",
+        f"trained at {native} px, evaluated at {size} px",
     )
-    figures = {".png": ("accuracy by variant", bars, 120)}  # suffix: (ClearML title, figure, dpi)
+    figures = {  # suffix: (ClearML title, figure, dpi, caption)
+        ".png": (
+            "accuracy by variant",
+            bars,
+            120,
+            f"Test accuracy at {size} px of the model trained at {native} px, one bar per way of moving it to the "
+            f"new size: position embeddings interpolated bilinearly or bicubically, then with the attention "
+            f"sharpened, then fine-tuned at {size} px, then with only part of the fine-tune kept; the first bar is "
+            f"the model at its own size, the mark to reach. A missing bar was not run.",
+        )
+    }
     for variant in VARIANTS.values():
         if variant.curve is not None and result[variant.curve.key]:
             points = pd.DataFrame(result[variant.curve.key])
             figure = factor_figure(
                 list(points["factor"]),
-                {"validation loss": list(points["loss"]), "validation accuracy": list(points["accuracy"])},
+                {
+                    "validation loss (cross-entropy)": list(points["loss"]),
+                    "validation accuracy (fraction correct)": list(points["accuracy"]),
+                },
                 result[variant.chose],
                 variant.curve.xlabel,
-                f"{variant.curve.start} at {size}, trained at {native}",
+                f"{variant.curve.start} at {size} px, trained at {native} px",
             )
-            figures[f".{variant.curve.suffix}.png"] = (f"{variant.curve.title} on the validation split", figure, 120)
+            title, caption = f"{variant.curve.title} on the validation split", variant.curve.caption.format(size=size)
+            figures[f".{variant.curve.suffix}.png"] = (title, figure, 120, caption)
     grids = {
         f"trained ({native})": _patch_grid(resizing.trained),
         f"bicubic ({size})": _patch_grid(resizing.built["bicubic"]),
     }
-    figures[".pos_embed.png"] = ("position embedding similarity", similarity_figure(grids), 100)
-    for suffix, (title, figure, dpi) in figures.items():
+    figures[".pos_embed.png"] = (
+        "position embedding similarity",
+        similarity_figure(grids),
+        100,
+        f"Cosine similarity between position embeddings, as in the paper's Figure 7: tile (row, column) stands "
+        f"for one patch and shows, pixel by pixel, how similar its embedding is to each patch's. Left as trained "
+        f"({native} px), right interpolated to {size} px: a bright spot at each tile's own place means the "
+        f"embeddings encode position, and interpolation should keep that pattern.",
+    )
+    for suffix, (title, figure, dpi, _) in figures.items():
         figure.savefig(output_json.with_suffix(suffix), dpi=dpi)
         resizing.tracker.figure(title, figure)
-    return [str(output_json.with_suffix(suffix)) for suffix in figures]
+    return [{"path": str(output_json.with_suffix(suffix)), "caption": entry[-1]} for suffix, entry in figures.items()]
 
 
 class Reference(NamedTuple):
@@ -394,10 +444,10 @@ def measure_reference(trained: ViT, dataset: DataVersion, device: torch.device) 
 
 def attention_comparison(
     resizing: Resizing, reference: Reference, images: np.ndarray, labels: np.ndarray, output_json: Path
-) -> str:
+) -> dict:
     """The attention maps of the images `evaluate` shows (the same seeded sample), at the trained
     size and bicubic at the new one, side by side: whether the model still attends to the object
-    after the resize. Saved next to ``output_json`` and reported; returns its path."""
+    after the resize. Saved next to ``output_json`` and reported; returns its ``{"path", "caption"}``."""
     sample = attention_sample(labels, reference.predictions)
     views = {
         f"trained size {resizing.trained.image_size[0]}": (resizing.trained, reference.images[sample]),
@@ -407,7 +457,12 @@ def attention_comparison(
     path = output_json.with_suffix(".attention_maps.png")
     figure.savefig(path, dpi=100)
     resizing.tracker.figure("attention maps", figure)
-    return str(path)
+    views = (
+        f"Left at the trained size, {resizing.trained.image_size[0]} px; right the same images at "
+        f"{resizing.size} px with bicubic position embeddings: where the maps still fall on the object, the "
+        f"interpolated embeddings still tell the model where each patch is."
+    )
+    return {"path": str(path), "caption": ATTENTION_CAPTION.format(views=views)}
 
 
 def build_variants(

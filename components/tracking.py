@@ -345,4 +345,5 @@ def _keep_offline_session(task_id: str, output_dir: Path, component: str) -> Pat
         print(f"note: could not move the offline session to {target} ({error.strerror}); it is at {zipped}")
         return zipped
     shutil.rmtree(folder, ignore_errors=True)
+    print(f"ClearML Task: offline session moved to {target}")  # ClearML has just named the old place
     return target

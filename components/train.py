@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,7 +35,7 @@ from components import checkpoints, cli
 from components.atomic import write_json
 from components.augment import Draws, augment, batch_draws, draw, epoch_batches, len_epoch, mix, on_device
 from components.data import DataError, DataVersion, check_source, decode_split, from_input, resolve
-from components.devices import mixed_precision, pick_device
+from components.devices import describe_device, mixed_precision, pick_device
 from components.evaluate import correct, predict
 from components.init_weights import InitialWeights, initial_weights
 from components.plots import curves_figure, image_grid_figure
@@ -534,14 +535,14 @@ def finish(state: TrainingState, loop: Loop, tracker, output: Path, preset_name:
     the history as an artifact; returns `train`'s result."""
     throughput = loop.close()
     history = state.history
+    config = state.config
     figure = curves_figure(
         {
-            "train loss": history["train_loss"],
-            "valid loss": history["val_loss"],
-            "valid accuracy": history["val_accuracy"],
+            "cross-entropy loss": {"train": history["train_loss"], "valid": history["val_loss"]},
+            "validation accuracy (fraction correct)": {"valid": history["val_accuracy"]},
         },
         "epoch",
-        "value",
+        f"training {config.model} at {config.image_size} px, preset {preset_name}",
         x=history["epoch"],
     )
     figure.savefig(output / "curves.png", dpi=120)
@@ -562,7 +563,19 @@ def finish(state: TrainingState, loop: Loop, tracker, output: Path, preset_name:
         "classes": state.classes,
         "data_version": state.data_version,
         "model_id": model_id,
-        "plots": [str(output / "curves.png")],
+        "config": asdict(config),
+        "device": describe_device(loop.device),
+        "versions": {"torch": torch.__version__, "clearml": metadata.version("clearml")},
+        "plots": [
+            {
+                "path": str(output / "curves.png"),
+                "caption": "Training curves, one point per validation. Left: the training loss (mean over "
+                "the epoch's augmented batches, with label smoothing, so it stays above zero) and the "
+                "validation loss; right: the share of validation images classified correctly. Both losses "
+                "falling means the model learns; a validation loss rising while the training loss falls "
+                "means it overfits.",
+            }
+        ],
     }
 
 
@@ -573,7 +586,8 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
     first epoch to the end of the last, the device idle at both) and "seconds_by_phase" (of the
     loop, after the first epoch; checkpoints count until their tensors are on the host, the
     files are written meanwhile), "classes", "data_version", "model_id" (with a server),
-    "plots", "clearml"}``; also written to ``output/train.json``."""
+    "config", "device", "versions" (torch, clearml), "plots" ({"path", "caption"}), "clearml"}``;
+    also written to ``output/train.json``."""
     output = Path(output)
     config = preset(preset_name, **overrides)
     device = pick_device(device)

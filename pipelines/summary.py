@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import base64
 import html
+import os
+import platform
+import subprocess
 from pathlib import Path
 
 import pandas as pd
 
 from components.atomic import atomic_path, write_json
+from components.highres import VARIANTS, summary_part
 from components.tracking import open_task
 
 
@@ -27,79 +31,145 @@ def build_summary(mode: str, preset: str, steps: dict[str, dict]) -> dict:
             "checkpoint": trained["model_id"] or trained["checkpoint"],
         },
         "evaluate": {key: evaluated[key] for key in ("image_size", "test_accuracy", "test_loss")},
-        "highres": {
-            key: highres[key]
-            for key in (
-                "image_size",
-                "test_accuracy_bilinear",
-                "test_accuracy_bicubic",
-                "test_accuracy_bicubic_calibrated",
-                "attention_scale",
-                "test_accuracy_finetuned",
-                "finetune_kept",
-                "test_accuracy_finetuned_interpolated",
-            )
-        },
+        "highres": summary_part(highres),
         "benchmark": {"rows": steps["benchmark_attention"]["rows"]},
         "clearml": {name: result["clearml"] for name, result in steps.items()},
     }
 
 
 def results_table(summary: dict) -> pd.DataFrame:
-    """Accuracy at the training size and at 384, and the attention speed-ups, one row each."""
+    """Accuracy at the training size and at the high resolution, and the attention speed-ups,
+    one row each, with what the row means."""
     evaluated, highres = summary["evaluate"], summary["highres"]
-    size = highres["image_size"]
-    kept = "part" if highres["finetune_kept"] is None else f"x{highres['finetune_kept']:.2f}"
-    accuracies = {
-        f"test accuracy @ {evaluated['image_size']}": evaluated["test_accuracy"],
-        f"test accuracy @ {size}, bilinear pos-embed": highres["test_accuracy_bilinear"],
-        f"test accuracy @ {size}, bicubic pos-embed": highres["test_accuracy_bicubic"],
-        f"test accuracy @ {size}, bicubic, attention x{highres['attention_scale']:.2f}": highres[
-            "test_accuracy_bicubic_calibrated"
-        ],
-        f"test accuracy @ {size}, bicubic + fine-tuned": highres["test_accuracy_finetuned"],
-        f"test accuracy @ {size}, fine-tuned, {kept} of its change kept": highres[
-            "test_accuracy_finetuned_interpolated"
-        ],
-    }
-    rows = [(name, "-" if value is None else f"{value:.4f}") for name, value in accuracies.items()]
+    native, size, n_test = evaluated["image_size"], highres["image_size"], summary["dataset"]["counts"]["test"]
+    accuracies = [
+        (
+            f"test accuracy @ {native}",
+            evaluated["test_accuracy"],
+            f"share of the {n_test} test images classified correctly at the training size",
+        ),
+        *(
+            (
+                f"test accuracy @ {size}, {variant.label(highres)}",
+                variant.accuracy(highres),
+                variant.meaning.format(size=size),
+            )
+            for variant in VARIANTS.values()
+        ),
+    ]
+    rows = [(name, "-" if value is None else f"{value:.2%}", meaning) for name, value, meaning in accuracies]
     benchmark = pd.DataFrame(summary["benchmark"]["rows"])
     for (scope, dtype, impl), group in benchmark.groupby(["scope", "dtype", "impl"], sort=False):
         if impl != "separate":
             low, high = group["speedup_vs_separate"].min(), group["speedup_vs_separate"].max()
-            rows.append((f"{impl} vs separate: {scope}, {dtype}, fwd+bwd", f"x{low:.2f} to x{high:.2f}"))
-    return pd.DataFrame(rows, columns=["result", "value"])
+            rows.append(
+                (
+                    f"{impl} vs separate: {scope}, {dtype}, fwd+bwd",
+                    f"x{low:.2f} to x{high:.2f}",
+                    f"how many times faster the {scope}'s forward + backward is than with separate layers, "
+                    "lowest to highest over the batch and image sizes timed",
+                )
+            )
+    return pd.DataFrame(rows, columns=["result", "value", "what it means"])
 
 
-def write_report(summary: dict, table: pd.DataFrame, plots: list[Path], path: Path) -> Path:
-    """One HTML file with the table and every plot embedded, to open in any browser."""
-    sessions = [value for value in summary["clearml"].values() if str(value).endswith(".zip")]
+def run_facts(summary: dict, steps: dict[str, dict], step_seconds: dict[str, float] | None) -> list[tuple[str, str]]:
+    """What ran, as (name, value) pairs for the report's header."""
+    dataset, trained = summary["dataset"], steps["train"]
+    config = trained["config"]
+    counts = ", ".join(f"{count:,} {split}" for split, count in dataset["counts"].items())
+    settings = ", ".join(
+        f"{name.replace('_', ' ')} {config[name]}"
+        for name in ("model", "image_size", "train_sizes", "epochs", "batch_size", "lr", "crop_scale")
+        if config[name] != ""
+    )
+    augmentation = [f"{name.replace('_', ' ')} {config[name]}" for name in AUGMENTATIONS if config[name]]
+    facts = [
+        ("data", f"{dataset['source']}, version {dataset['version']}: {len(dataset['classes'])} classes, {counts}"),
+        ("preset", f"{summary['train']['preset']}: {settings}; {', '.join(augmentation) or 'no mixing or erasing'}"),
+        ("seed", str(config["seed"])),
+        ("commit", commit()),
+        ("machine", f"{platform.platform()}, {os.cpu_count()} CPU cores; trained on {trained['device']}"),
+        (
+            "versions",
+            f"python {platform.python_version()}, "
+            + ", ".join(f"{package} {version}" for package, version in trained["versions"].items()),
+        ),
+    ]
+    if step_seconds:
+        facts.append(("wall time", ", ".join(f"{step} {seconds:.0f} s" for step, seconds in step_seconds.items())))
+    return facts
+
+
+AUGMENTATIONS = ("rand_augment", "random_erasing", "mixup_alpha", "cutmix_alpha", "ema_decay")
+
+
+def commit() -> str:
+    """The checkout's commit, marked when it has uncommitted changes; 'unknown' outside git."""
+    git = ["git", "-C", str(Path(__file__).resolve().parents[1])]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
+
+
+REPORT_STYLE = """body{font-family:sans-serif;max-width:1000px;margin:1.5em auto;padding:0 1.5em;line-height:1.4}
+img{max-width:100%;height:auto} figure{margin:1.5em 0} figcaption{font-size:0.9em;color:#333}
+table{border-collapse:collapse;margin:0.5em 0} td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;
+vertical-align:top} th{background:#f3f3f3} dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:2px 1em}
+dl.facts dt{font-weight:bold} dl.facts dd{margin:0;overflow-wrap:anywhere}
+pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#f6f6f6;padding:0.6em}"""
+
+
+def write_report(
+    summary: dict, table: pd.DataFrame, steps: dict[str, dict], path: Path, step_seconds: dict[str, float] | None = None
+) -> Path:
+    """One HTML file, to open in any browser or forward: what ran, the results table, every
+    plot embedded with its caption, and the commands that push the offline sessions."""
+    facts = "".join(
+        f"<dt>{html.escape(name)}</dt><dd>{html.escape(value)}</dd>"
+        for name, value in run_facts(summary, steps, step_seconds)
+    )
+    plots = [plot for result in steps.values() for plot in result.get("plots", []) if Path(plot["path"]).is_file()]
     images = "\n".join(
-        f'<figure><img src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">'
-        f"<figcaption>{html.escape(plot.name)}</figcaption></figure>"
+        f'<figure><img alt="{html.escape(plot["caption"])}" '
+        f'src="data:image/png;base64,{base64.b64encode(Path(plot["path"]).read_bytes()).decode()}">'
+        f"<figcaption>{html.escape(plot['caption'])}</figcaption></figure>"
         for plot in plots
-        if plot.is_file()
+    )
+    sessions = [value for value in summary["clearml"].values() if str(value).endswith(".zip")]
+    imports = "\n".join(f"clearml-task --import-offline-session {html.escape(str(s))}" for s in sessions)
+    pushing = (
+        f"<h2>Push the offline sessions to a ClearML server</h2><pre>{imports}</pre>"
+        if sessions
+        else "<p>The steps ran on a ClearML server: their tasks are in its web UI.</p>"
     )
     title = f"preset {summary['train']['preset']} on data version {summary['dataset']['version']}"
-    imports = "\n".join(f"clearml-task --import-offline-session {html.escape(str(s))}" for s in sessions)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Headgear ViT run</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} img{{max-width:100%}}
-table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px}} figure{{margin:1em 0}}
-</style></head>
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>Headgear ViT: {html.escape(title)}</title>
+<style>{REPORT_STYLE}</style></head>
 <body><h1>Headgear ViT: {html.escape(title)}</h1>
-{table.to_html(index=False)}
+<h2>What ran</h2><dl class="facts">{facts}</dl>
+<h2>Results</h2>{table.to_html(index=False, border=0)}
+<p>Accuracies are the share of test images classified correctly; the speed-ups, how many times faster than
+separate Q, K, V layers.</p>
 <h2>Plots</h2>{images}
-<h2>Push the offline sessions to a ClearML server</h2><pre>{imports}</pre></body></html>"""
+{pushing}</body></html>"""
     with atomic_path(path) as temporary:
         temporary.write_text(page)
     return path
 
 
-def write_summary(mode: str, preset: str, steps: dict[str, dict], output: Path) -> dict:
+def write_summary(
+    mode: str, preset: str, steps: dict[str, dict], output: Path, step_seconds: dict[str, float] | None = None
+) -> dict:
     """Writes ``summary.json`` and ``report.html`` into ``output``, prints the table and the
-    command that imports the offline sessions; returns the summary. As a pipeline step (its
-    task already running, left open for the step's return values), both files are also
-    uploaded as artifacts of that task: the step's container is thrown away."""
+    command that imports the offline sessions; returns the summary. ``step_seconds``: each
+    step's wall time, shown in the report when given. As a pipeline step (its task already
+    running, left open for the step's return values), both files are also uploaded as artifacts
+    of that task: the step's container is thrown away."""
     output = Path(output)
     with open_task("summary", "custom", output / "summary") as tracker:
         summary = build_summary(mode, preset, steps)
@@ -107,13 +177,12 @@ def write_summary(mode: str, preset: str, steps: dict[str, dict], output: Path) 
         tracker.table("results", table)
         tracker.artifact("summary", summary)
     summary["clearml"]["summary"] = tracker.session
-    plots = [Path(plot) for result in steps.values() for plot in result.get("plots", [])]
-    write_report(summary, table, plots, output / "report.html")
+    write_report(summary, table, steps, output / "report.html", step_seconds)
     write_json(summary, output / "summary.json")
     if tracker.reused:
         tracker.artifact("report.html", output / "report.html")
         tracker.artifact("summary.json", output / "summary.json")
-    print("\n" + table.to_string(index=False))
+    print("\n" + table[["result", "value"]].to_string(index=False))
     print(f"\nsummary: {output / 'summary.json'}\nreport:  {output / 'report.html'}")
     if mode == "local":
         print("push the offline sessions to a ClearML server with:")

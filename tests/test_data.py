@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from components.data import DataError, check_source, decode_split, prepare, resolve, safe_extract
-from tests.conftest import CLASSES, make_layout, write_image, zip_folder
+from tests.conftest import CLASSES, SHAPE_CLASSES, SHAPES_PER_SPLIT, make_layout, write_image, zip_folder
 
 
 def test_a_zip_in_the_headgear_layout_becomes_a_content_addressed_version(layout, tmp_path):
@@ -138,6 +138,12 @@ def test_an_unknown_source_says_what_to_pass(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="neither a zip archive nor a folder"):
         prepare(tmp_path / "notes.txt", tmp_path / "store")
+
+
+def test_the_shapes_archive_prepares_with_every_image(shapes_zip, tmp_path):
+    data = prepare(shapes_zip, tmp_path / "store", strict=True)
+    assert data.manifest["counts"] == {split: n * len(SHAPE_CLASSES) for split, n in SHAPES_PER_SPLIT.items()}
+    assert data.classes == list(SHAPE_CLASSES) and data.manifest["skipped"] == []
 
 
 def test_the_fashion_archive_prepares_with_every_image(fashion_zip, tmp_path):

@@ -22,17 +22,16 @@ from components.highres import (
     split_metrics,
     summary_part,
 )
-from tests.conftest import FASHION_ZIP
 
 
-def run_highres(smoke_run, tmp_path, **settings) -> dict:
+def run_highres(smoke_run, shapes_zip, tmp_path, **settings) -> dict:
     """highres on the smoke checkpoint (trained at 32), on the CPU, to 48 unless told."""
     settings = {"image_size": 48, "device": "cpu", **settings}
-    return highres(smoke_run["checkpoint"], str(FASHION_ZIP), tmp_path / "highres.json", **settings)
+    return highres(smoke_run["checkpoint"], str(shapes_zip), tmp_path / "highres.json", **settings)
 
 
-def test_highres_switches_the_grid_evaluates_and_finetuning_lowers_the_loss(smoke_run, tmp_path):
-    result = run_highres(smoke_run, tmp_path, finetune_steps=30)
+def test_highres_switches_the_grid_evaluates_and_finetuning_lowers_the_loss(smoke_run, shapes_zip, tmp_path):
+    result = run_highres(smoke_run, shapes_zip, tmp_path, finetune_steps=30)
     assert result["image_size"] == 48 and result["trained_image_size"] == 32
     assert "got 48x48" in result["no_resize_error"] and "set_image_size(48)" in result["no_resize_error"]
     for mode in VARIANTS:
@@ -59,15 +58,15 @@ def test_highres_switches_the_grid_evaluates_and_finetuning_lowers_the_loss(smok
     assert result["finetune_kept"] == min(shares, key=lambda row: row["loss"])["factor"]
     if result["finetune_kept"] == 1.0:
         assert result["test_loss_finetuned_interpolated"] == pytest.approx(result["test_loss_finetuned"])
-    for plot in result["plots"]:
-        assert Path(plot).is_file()
-    assert {Path(plot).name for plot in result["plots"]} == {
+    for plot in result["plots"]:  # each drawn, and said in words what it shows
+        assert Path(plot["path"]).is_file() and len(plot["caption"]) > 80
+    assert {Path(plot["path"]).name for plot in result["plots"]} == {
         f"highres.{name}png" for name in ("", "attention.", "attention_maps.", "interpolation.", "pos_embed.")
     }
     assert json.loads((tmp_path / "highres.json").read_text())["checkpoint"] == result["checkpoint"]
 
     # image by image against the reference: the counts are the accuracy difference, split
-    n_test = len(decode_split(resolve(str(FASHION_ZIP)), "test", 32)[1])
+    n_test = len(decode_split(resolve(str(shapes_zip)), "test", 32)[1])
     assert set(result["test_changes"]) == set(VARIANTS)
     for mode, change in result["test_changes"].items():
         difference = (result[f"test_accuracy_{mode}"] - result["reference_accuracy"]) * n_test
@@ -76,13 +75,13 @@ def test_highres_switches_the_grid_evaluates_and_finetuning_lowers_the_loss(smok
 
     model, saved = checkpoints.load_model(result["checkpoint"])  # the fine-tune, the share kept
     assert model.image_size == (48, 48) and model.projector.grid == (6, 6)
-    test_images, test_labels = decode_split(resolve(str(FASHION_ZIP)), "test", 48)
+    test_images, test_labels = decode_split(resolve(str(shapes_zip)), "test", 48)
     saved_loss = split_metrics(model, test_images, test_labels, torch.device("cpu"))["loss"]
     assert saved_loss == pytest.approx(result["test_loss_finetuned_interpolated"], rel=1e-5)
 
 
-def test_highres_without_finetuning_reports_null(smoke_run, tmp_path):
-    result = run_highres(smoke_run, tmp_path, image_size=64, finetune_steps=0)
+def test_highres_without_finetuning_reports_null(smoke_run, shapes_zip, tmp_path):
+    result = run_highres(smoke_run, shapes_zip, tmp_path, image_size=64, finetune_steps=0)
     assert result["test_accuracy_finetuned"] is None and result["finetune_losses"] == []
     assert result["test_accuracy_finetuned_interpolated"] is None and result["finetune_kept"] is None
     assert result["finetune_interpolation"] == [] and len(result["plots"]) == 4
@@ -90,10 +89,10 @@ def test_highres_without_finetuning_reports_null(smoke_run, tmp_path):
     assert checkpoints.load_model(result["checkpoint"])[0].projector.grid == (8, 8)
 
 
-def test_calibrate_attention_picks_the_lowest_validation_loss_and_flattens_when_the_grid_shrinks(smoke_run):
+def test_calibrate_attention_picks_the_lowest_validation_loss_and_flattens_when_the_grid_shrinks(smoke_run, shapes_zip):
     model, _ = checkpoints.load_model(smoke_run["checkpoint"])
     trained_tokens = 1 + model.projector.grid[0] * model.projector.grid[1]
-    images, labels = decode_split(resolve(str(FASHION_ZIP)), "valid", 24)
+    images, labels = decode_split(resolve(str(shapes_zip)), "valid", 24)
     model.set_image_size(24)  # 3x3 patches instead of 4x4: fewer tokens, factors from 1 down to 1/2
     curve = calibrate_attention(model, images, labels, torch.device("cpu"), trained_tokens, steps=4)
     assert curve["factor"].tolist() == pytest.approx([1.0, 2**-0.25, 2**-0.5, 2**-0.75, 0.5])
@@ -103,9 +102,9 @@ def test_calibrate_attention_picks_the_lowest_validation_loss_and_flattens_when_
     assert split_metrics(model, images, labels, torch.device("cpu"))["loss"] == pytest.approx(curve["loss"].min())
 
 
-def test_interpolate_finetune_keeps_the_share_of_the_change_with_the_lowest_validation_loss(smoke_run):
+def test_interpolate_finetune_keeps_the_share_of_the_change_with_the_lowest_validation_loss(smoke_run, shapes_zip):
     model, _ = checkpoints.load_model(smoke_run["checkpoint"])
-    images, labels = decode_split(resolve(str(FASHION_ZIP)), "valid", 32)
+    images, labels = decode_split(resolve(str(shapes_zip)), "valid", 32)
     before = {name: weight.clone() for name, weight in model.state_dict().items()}
     torch.manual_seed(0)
     with torch.no_grad():  # a stand-in for a fine-tune that went too far: every weight moved
@@ -141,7 +140,9 @@ def test_gained_and_lost_break_ties_as_the_accuracy_does():
 
 
 @pytest.mark.parametrize("crop", [{}, {"finetune_crop_scale": 0.35}], ids=["default", "cropped"])
-def test_the_finetune_sees_whole_images_and_flips_unless_asked_to_crop(smoke_run, tmp_path, monkeypatch, crop):
+def test_the_finetune_sees_whole_images_and_flips_unless_asked_to_crop(
+    smoke_run, shapes_zip, tmp_path, monkeypatch, crop
+):
     # The real augmentation, watched: the maps (output -> input coordinates) it is given.
     geometries = []
 
@@ -150,7 +151,7 @@ def test_the_finetune_sees_whole_images_and_flips_unless_asked_to_crop(smoke_run
         return augment(images, draws, *args, **kwargs)
 
     monkeypatch.setattr("components.highres.augment", watched_augment)
-    run_highres(smoke_run, tmp_path, finetune_steps=4, **crop)
+    run_highres(smoke_run, shapes_zip, tmp_path, finetune_steps=4, **crop)
     theta = torch.cat(geometries)
     assert len(theta) == 4 * 64
     if not crop:  # the whole image, mirrored or not: the test images' view at the new size

@@ -3,17 +3,20 @@ can run here), and a failing step."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from components.tracking import child_environment
 from pipelines.run_pipeline import DAG, default_highres_size, step_queues
-from tests.conftest import FASHION_ZIP, REPO, closed_port, make_layout
+from tests.conftest import REPO, SHAPE_CLASSES, SHAPES_PER_SPLIT, closed_port, make_layout
 from tests.sessions import read_session, scalars
 
 SUMMARY_KEYS = {
@@ -37,11 +40,10 @@ def run_pipeline(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_the_local_run_end_to_end(tmp_path):
-    if not FASHION_ZIP.is_file():
-        pytest.skip(f"{FASHION_ZIP} is not here")
+@pytest.mark.slow
+def test_the_local_run_end_to_end(shapes_zip, tmp_path):
     run = run_pipeline(
-        "--data", str(FASHION_ZIP), "--preset", "smoke", "--output", str(tmp_path), "--finetune-steps", "30"
+        "--data", str(shapes_zip), "--preset", "smoke", "--output", str(tmp_path), "--finetune-steps", "30"
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -54,10 +56,10 @@ def test_the_local_run_end_to_end(tmp_path):
     highres = json.loads((tmp_path / "highres" / "highres.json").read_text())
     benchmark = json.loads((tmp_path / "benchmark_attention" / "benchmark.json").read_text())
     assert summary["dataset"] == {
-        "source": str(FASHION_ZIP),
+        "source": str(shapes_zip),
         "version": fetched["version"],
         "classes": fetched["classes"],
-        "counts": {"train": 3600, "valid": 500, "test": 500},
+        "counts": {split: n * len(SHAPE_CLASSES) for split, n in SHAPES_PER_SPLIT.items()},
     }
     assert summary["train"] == {
         "preset": "smoke",
@@ -99,8 +101,16 @@ def test_the_local_run_end_to_end(tmp_path):
     assert scalars(read_session(sessions["evaluate"]), "accuracy", "test @ 32") == [evaluated["test_accuracy"]]
     assert len(scalars(read_session(sessions["highres"]), "fine-tune loss", "train @ 56")) == 30
 
+    # the report: every plot inline with its caption, nothing fetched from outside the file, what ran
     report = (tmp_path / "report.html").read_text()  # curves, confusion, 384 bars, 2 curves, pos-embed, benchmark
-    assert report.count("data:image/png;base64,") == 7 and "clearml-task --import-offline-session" in report
+    sources = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", report)
+    assert len(sources) == 7 and all(source.startswith("data:image/png;base64,") for source in sources)
+    assert not re.search(r"<link|<script|<iframe|url\(|@import", report)
+    captions = [plot["caption"] for step in (trained, evaluated, highres, benchmark) for plot in step["plots"]]
+    assert len(captions) == 7
+    assert all(f"<figcaption>{html.escape(caption)}</figcaption>" in report for caption in captions)
+    assert "clearml-task --import-offline-session" in report and "<dt>seed</dt><dd>0</dd>" in report
+    assert all(fact in report for fact in (fetched["version"], trained["device"], f"torch {torch.__version__}"))
     assert "test accuracy @ 56, bicubic + fine-tuned" in run.stdout  # the table on stdout
     assert f"fine-tuned, x{highres['finetune_kept']:.2f} of its change kept" in run.stdout
 

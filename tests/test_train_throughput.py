@@ -17,10 +17,11 @@ from model import MODEL_PRESETS
 from tests.conftest import REPO
 
 
+@pytest.mark.slow
 def test_the_small_setting_prints_every_row(tmp_path):
-    from tests.conftest import FASHION_ZIP, make_layout
+    from tests.conftest import make_layout
 
-    data = FASHION_ZIP if FASHION_ZIP.is_file() else make_layout(tmp_path / "data", per_split=(16, 4, 4))
+    data = make_layout(tmp_path / "data", per_split=(16, 4, 4))
     command = [
         sys.executable,
         "benchmarks/train_throughput.py",
