@@ -315,6 +315,14 @@ def registered_model(model_id: str) -> Path:
         ) from None
 
 
+def task_seconds(task_id: str) -> float | None:
+    """The wall time of a finished task, from the server's record of its start and end."""
+    from clearml import Task
+
+    data = Task.get_task(task_id=task_id).data
+    return (data.completed - data.started).total_seconds() if data.started and data.completed else None
+
+
 def _exit_on_sigterm():
     """A SIGTERM (``kill``, ``timeout``, an agent aborting the task) unwinds like Ctrl-C, so the
     task is closed and the files being written are finished or removed. ClearML's own handler

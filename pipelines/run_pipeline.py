@@ -40,6 +40,7 @@ from components.presets import PRESETS, ConfigError  # noqa: E402
 from components.tracking import PROJECT, check_server, child_environment, server_configured  # noqa: E402
 from model import ATTENTION_IMPLEMENTATIONS, MODEL_PRESETS  # noqa: E402
 from pipelines import steps  # noqa: E402
+from pipelines.terminal_log import TerminalLog  # noqa: E402
 
 DEFAULT_IMAGE = "headgear-vit:latest"
 
@@ -180,7 +181,7 @@ def run_step(name: str, step: Step, kwargs: dict, run_dir: Path) -> tuple[dict |
     command = [sys.executable, "-m", "pipelines.steps", step.function.__name__, str(kwargs_path), str(result_path)]
     env = child_environment(CLEARML_OFFLINE_MODE="1", PYTHONUNBUFFERED="1")
     tail = b""
-    with log_path.open("wb") as log:
+    with TerminalLog(log_path.open("wb")) as log:
         child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             while chunk := child.stdout.read1(65536):
@@ -201,6 +202,7 @@ def run_step(name: str, step: Step, kwargs: dict, run_dir: Path) -> tuple[dict |
 def run_local(params: dict, run_dir: Path) -> int:
     """The DAG in order, each step in its own process; a failed step skips its dependents."""
     outputs: dict[str, dict] = {}
+    step_seconds: dict[str, float] = {}  # of the completed steps, for the report
     status: dict[str, str] = {}
     failures: dict[str, str] = {}
     for name, step in DAG.items():
@@ -210,12 +212,14 @@ def run_local(params: dict, run_dir: Path) -> int:
         print(f"\n=== {name} ===", flush=True)
         started = time.monotonic()
         kwargs = {**resolve(step.kwargs, params, outputs), **LOCAL_KWARGS.get(name, {}), "output": str(run_dir)}
+        if name == "summary":
+            kwargs["step_seconds"] = step_seconds
         result, error = run_step(name, step, kwargs, run_dir)
         seconds = time.monotonic() - started
         if result is None:
             status[name], failures[name] = f"FAILED after {seconds:.0f} s", error
         else:
-            status[name], outputs[name] = "completed", result
+            status[name], outputs[name], step_seconds[name] = "completed", result, seconds
             print(f"=== {name}: completed in {seconds:.0f} s ===", flush=True)
     print("\nsteps:")
     for name in DAG:
@@ -440,7 +444,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_inputs(params: dict, mode: str) -> None:
     """Refuses, in seconds and before the first step, a data source or an initial-weights source
     the steps could not use."""
-    check_source(params["data"], allow_kaggle=True)
+    if mode == "local" or Path(params["data"]).exists():  # in server mode anything else names a ClearML Dataset
+        check_source(params["data"], allow_kaggle=True)
     init = params["init"]
     if init and not init.startswith("timm:"):
         if mode == "server" and Path(init).exists():

@@ -102,10 +102,11 @@ def summary_step(
     *,
     mode: str = "server",
     output: str = "outputs",
+    step_seconds: dict | None = None,
 ):
     from pathlib import Path
 
-    from components.tracking import download_plots
+    from components.tracking import download_plots, task_seconds
     from pipelines.summary import write_summary
 
     steps = {
@@ -115,9 +116,10 @@ def summary_step(
         "highres": highres,
         "benchmark_attention": benchmark,
     }
-    if mode == "server":  # the plots were written in the other steps' containers
+    if mode == "server":  # the plots were written in the other steps' containers, timed by the server
         steps = {name: download_plots(result, Path(output) / "plots" / name) for name, result in steps.items()}
-    return write_summary(mode, preset, steps, Path(output))
+        step_seconds = {name: task_seconds(result["clearml"]) for name, result in steps.items()}
+    return write_summary(mode, preset, steps, Path(output), step_seconds)
 
 
 def main() -> None:

@@ -97,7 +97,7 @@ def run_facts(summary: dict, steps: dict[str, dict], step_seconds: dict[str, flo
         ),
     ]
     if step_seconds:
-        facts.append(("wall time", ", ".join(f"{step} {seconds:.0f} s" for step, seconds in step_seconds.items())))
+        facts.append(("wall time", ", ".join(f"{step} {s:.0f} s" for step, s in step_seconds.items() if s is not None)))
     return facts
 
 
