@@ -21,6 +21,7 @@ needs one, and only that:
 Everything else (the generated script, ClearML's offline task, the components) is real.
 """
 
+import datetime
 import json
 import os
 import pickle
@@ -39,12 +40,14 @@ from tests.sessions import read_session, scalars
 
 BOOTSTRAP = r'''
 """Runs a generated step script as the agent would, with the fake server of the test."""
+import datetime
 import itertools
 import json
 import pickle
 import runpy
 import shutil
 import sys
+import types
 from pathlib import Path
 
 spec = json.loads(Path(sys.argv[1]).read_text())
@@ -163,6 +166,8 @@ class StoredTask:
     def __init__(self, stored):
         self.artifacts = {key: Artifact(path) for key, path in stored["artifacts"].items()}
         self.parameters = stored["parameters"]
+        times = {key: datetime.datetime.fromisoformat(stored[key]) for key in ("started", "completed")}
+        self.data = types.SimpleNamespace(**times)  # when the agent ran it, as the server records
 
     def get_parameters(self, cast=False):
         return self.parameters
@@ -260,6 +265,7 @@ def agent_run(tmp_path_factory) -> dict:
             MPLBACKEND="Agg",
         )
         env.pop("PYTHONPATH", None)
+        started = datetime.datetime.now(datetime.timezone.utc)
         run = subprocess.run(
             [sys.executable, str(root / "bootstrap.py"), str(folder / "spec.json")],
             cwd=clone,
@@ -283,7 +289,8 @@ def agent_run(tmp_path_factory) -> dict:
             artifacts[key] = str(path)
         registry = json.loads((server / "registry.json").read_text())
         params = {f"return/{k}": v for k, v in stored["returned"].items()}
-        registry["tasks"][task_ids[name]] = {"artifacts": artifacts, "parameters": params}
+        times = {"started": started.isoformat(), "completed": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        registry["tasks"][task_ids[name]] = {"artifacts": artifacts, "parameters": params, **times}
         (server / "registry.json").write_text(json.dumps(registry))
         shutil.rmtree(clone)  # the agent's container is gone; the next step runs elsewhere
     return {"runs": runs, "registry": json.loads((server / "registry.json").read_text()), "task_ids": task_ids}
@@ -331,6 +338,7 @@ def test_the_results_and_the_report_are_kept_on_the_server(agent_run):
     report = summary["report.html"][0].decode()
     assert report.count("data:image/png;base64,") >= 5  # the other steps' plots, fetched from their tasks
     assert json.loads(summary["summary.json"][0])["mode"] == "server"
+    assert all(f"{name} " in report.split("wall time", 1)[1] for name in ("fetch_data", "train", "highres"))
 
 
 def test_a_local_data_archive_becomes_a_dataset_before_the_pipeline_starts(monkeypatch, tmp_path):
