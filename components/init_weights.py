@@ -21,6 +21,8 @@ from typing import NamedTuple
 import torch
 
 from components import checkpoints
+from components.checkpoints import CheckpointError
+from components.presets import ConfigError
 from model import MODEL_PRESETS, resize_pos_embed
 from model.timm_convert import architecture_from_timm_state, config_from_timm, state_dict_from_timm, timm_state_to_ours
 
@@ -44,7 +46,7 @@ def initial_weights(source: str, model_config: dict) -> InitialWeights:
     attention_width = architecture.pop("attention_width", None)  # a timm state dict holds no head count
     _check_architecture(source, architecture, ours)
     if attention_width is not None and attention_width != ours["n_heads"] * ours["qkv_dim"]:
-        raise ValueError(
+        raise ConfigError(
             f"--init {source}: its attention is {attention_width} wide, this model's n_heads x qkv_dim is "
             f"{ours['n_heads']} x {ours['qkv_dim']}: choose a --model whose heads make {attention_width}"
         )
@@ -62,8 +64,8 @@ def _read(source: str) -> tuple[dict, dict, tuple[int, int], str, str | None]:
         return (*_from_timm(source), None)
     try:
         path = checkpoints.local_copy(source)
-    except FileNotFoundError:
-        raise ValueError(
+    except CheckpointError:
+        raise ConfigError(
             f"--init {source}: no such file; give timm:<model name>, a file holding a timm VisionTransformer "
             f"state dict or a checkpoint of this project, or (with a ClearML server) a model id"
         ) from None
@@ -78,13 +80,13 @@ def _read(source: str) -> tuple[dict, dict, tuple[int, int], str, str | None]:
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]
     if not isinstance(loaded, dict) or "patch_embed.proj.weight" not in loaded:
-        raise ValueError(
+        raise ConfigError(
             f"--init {source}: {path} is neither a timm VisionTransformer state dict nor a checkpoint of this project"
         )
     try:
         architecture = architecture_from_timm_state(loaded)
     except ValueError as error:
-        raise ValueError(f"--init {source}: {error}") from None
+        raise ConfigError(f"--init {source}: {error}") from None
     grid = architecture.pop("grid")
     return timm_state_to_ours(loaded), architecture, grid, f"timm state dict {source}", model_id
 
@@ -94,19 +96,19 @@ def _from_timm(source: str) -> tuple[dict, dict, tuple[int, int], str]:
     try:
         import timm
     except ImportError:
-        raise ValueError(f"--init {source}: timm is not installed; pip install timm, or pass a local file") from None
+        raise ConfigError(f"--init {source}: timm is not installed; pip install timm, or pass a local file") from None
     try:
         model = timm.create_model(name, pretrained=True)
     except Exception as error:  # unknown name, no internet, no such weights: timm raises many kinds
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
+        raise ConfigError(
             f"--init {source}: timm could not give its pretrained weights ({reason}); the download needs the "
             f"internet (the Hugging Face Hub), else save them where it works and pass the file"
         ) from None
     try:
         config = config_from_timm(model)
     except ValueError as error:
-        raise ValueError(f"--init {source}: {error}") from None
+        raise ConfigError(f"--init {source}: {error}") from None
     architecture = {"in_channels": 3, **{key: config[key] for key in ARCHITECTURE if key in config}}
     grid = tuple(model.patch_embed.grid_size)
     return state_dict_from_timm(model), architecture, grid, f"timm {name} (pretrained)"
@@ -128,4 +130,4 @@ def _check_architecture(source: str, theirs: dict, ours: dict) -> None:
         )
     else:
         fix = "a --model of that architecture (add it to model/presets.py)"
-    raise ValueError(f"--init {source}: its weights are for another architecture, {shapes}: train with {fix}")
+    raise ConfigError(f"--init {source}: its weights are for another architecture, {shapes}: train with {fix}")

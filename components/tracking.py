@@ -195,6 +195,7 @@ def open_task(component: str, task_type: str, output_dir: Path, title: str = "")
     try:
         yield tracker
     finally:
+        task.flush(wait_for_uploads=True)  # close alone may zip an offline session before its last reports
         task.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

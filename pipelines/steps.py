@@ -19,6 +19,10 @@ Numbers are cast on the way in: pipeline parameters reach an agent's step as str
 writes into ``outputs/`` of its own clone; the local runner passes the run folder.
 """
 
+# The one module-level import, copied into each generated script before its Task.init: torch is
+# then imported whole before ClearML's background threads, which also import it, can race it.
+import torch
+
 
 def fetch_data_step(source: str, *, output: str = "outputs"):
     from pathlib import Path
@@ -74,8 +78,6 @@ def highres_step(checkpoint: str, data: str, image_size: int, finetune_steps: in
 
 def benchmark_step(sweep: str, *, output: str = "outputs"):
     from pathlib import Path
-
-    import torch
 
     from components.benchmark_attention import benchmark_attention
     from components.tracking import report_results, upload_plots

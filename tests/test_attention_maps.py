@@ -155,5 +155,7 @@ def test_evaluate_saves_and_lists_the_attention_maps(tmp_path):
     folder = make_layout(tmp_path / "data", per_split=(2, 2, 4))
     result = evaluate(path, str(folder), tmp_path / "eval" / "evaluate.json", device="cpu")
     maps = tmp_path / "eval" / "evaluate.attention_maps.png"
-    assert str(maps) in result["plots"] and maps.is_file() and Image.open(maps).size[0] > 300
-    assert str(maps) in json.loads((tmp_path / "eval" / "evaluate.json").read_text())["plots"]
+    listed = [plot["path"] for plot in result["plots"]]
+    assert str(maps) in listed and maps.is_file() and Image.open(maps).size[0] > 300
+    written = json.loads((tmp_path / "eval" / "evaluate.json").read_text())["plots"]
+    assert str(maps) in [plot["path"] for plot in written]

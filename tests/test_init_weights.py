@@ -100,9 +100,11 @@ def test_another_architecture_is_refused_with_the_setting_to_change(tmp_path, ti
 
 def test_the_architecture_is_checked_before_the_data_is_touched(tmp_path):
     source = saved(random_timm(patch_size=4), tmp_path / "timm.pt")
-    nowhere = str(tmp_path / "no-such-data")  # were the data read first, this would be the error
+    unreadable = make_layout(tmp_path / "data")  # were the data read first, their error would come first
+    for image in unreadable.rglob("*.jpg"):
+        image.write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="--patch-size 4"):
-        train(nowhere, "smoke", tmp_path / "train", device="cpu", init=source)
+        train(str(unreadable), "smoke", tmp_path / "train", device="cpu", init=source)
     assert not (tmp_path / "train" / "checkpoints").exists()
 
 
@@ -145,13 +147,12 @@ def test_train_with_init_runs_one_smoke_epoch_from_the_file(tmp_path, capsys):
     expected = initial_weights(source, model_config("vit-tiny-test", image_size=32)).state
     data = make_layout(tmp_path / "data", per_split=(6, 2, 2))
     output = tmp_path / "train"
-    # With a learning rate of 0 the weights after the epoch are the initial ones, so the
+    # With a vanishing learning rate the weights after the epoch are the initial ones, so the
     # checkpoint shows what the run started from.
-    main(
-        ["--data", str(data), "--output", str(output), "--epochs", "1", "--lr", "0", "--min-lr", "0", "--init", source]
-    )
+    tiny_steps = ["--lr", "1e-12", "--min-lr", "0", "--weight-decay", "0"]
+    main(["--data", str(data), "--output", str(output), "--epochs", "1", *tiny_steps, "--init", source])
     assert f"initial weights: timm state dict {source}" in capsys.readouterr().out
     last = checkpoints.load(output / "checkpoints" / "last.pt")
     for name, tensor in expected.items():
         torch.testing.assert_close(last["model"][name], tensor, msg=name)
-    assert not last["model"]["head.weight"].any() and last["train_config"]["init"] == source
+    assert last["model"]["head.weight"].abs().max() < 1e-9 and last["train_config"]["init"] == source  # fresh head

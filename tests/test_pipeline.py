@@ -102,17 +102,19 @@ def test_the_local_run_end_to_end(shapes_zip, tmp_path):
     assert len(scalars(read_session(sessions["highres"]), "fine-tune loss", "train @ 56")) == 30
 
     # the report: every plot inline with its caption, nothing fetched from outside the file, what ran
-    report = (tmp_path / "report.html").read_text()  # curves, confusion, 384 bars, 2 curves, pos-embed, benchmark
+    # curves, confusion, attention maps, 384 bars, 2 curves, pos-embed, attention maps side by side, benchmark
+    report = (tmp_path / "report.html").read_text()
     sources = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", report)
-    assert len(sources) == 7 and all(source.startswith("data:image/png;base64,") for source in sources)
+    assert len(sources) == 9 and all(source.startswith("data:image/png;base64,") for source in sources)
     assert not re.search(r"<link|<script|<iframe|url\(|@import", report)
     captions = [plot["caption"] for step in (trained, evaluated, highres, benchmark) for plot in step["plots"]]
-    assert len(captions) == 7
+    assert len(captions) == 9
     assert all(f"<figcaption>{html.escape(caption)}</figcaption>" in report for caption in captions)
     assert "clearml-task --import-offline-session" in report and "<dt>seed</dt><dd>0</dd>" in report
     assert all(fact in report for fact in (fetched["version"], trained["device"], f"torch {torch.__version__}"))
     assert "test accuracy @ 56, bicubic + fine-tuned" in run.stdout  # the table on stdout
     assert f"fine-tuned, x{highres['finetune_kept']:.2f} of its change kept" in run.stdout
+    assert "\r" not in (tmp_path / "steps" / "train.log").read_text()  # progress bars as last shown, one line each
 
 
 def test_a_failing_step_skips_its_dependents_and_keeps_what_finished(tmp_path):
