@@ -92,17 +92,16 @@ PRESETS: dict[str, TrainConfig] = {
         drop_path_rate=0.0,
         crop_scale=0.6,
     ),
-    # What 2 CPU cores train in about ten minutes: six narrow blocks, patch 8 at 48x48, 30 epochs
-    # of 28 steps on 3,600 images: 840 steps at the 1.5 a second measured on 2 idle cores (faster
-    # cores do more). Nearly all of a step is the model's forward and backward; the augmentation
-    # is a few percent of it.
+    # What 2 CPU cores train in about ten minutes: six narrow blocks, patch 8 at 48x48, 90 epochs
+    # of 28 steps on 3,600 images (benchmarks/RESULTS.md, "The recipe at 224", gives its time and
+    # accuracy). Nearly all of a step is the model's forward and backward.
     "cpu-10min": TrainConfig(
         model="vit-mini",
         image_size=48,
-        epochs=30,
+        epochs=90,
         batch_size=128,
         lr=2e-3,
-        warmup_epochs=2,
+        warmup_epochs=5,
         drop_path_rate=0.05,
         crop_scale=0.5,
     ),
