@@ -87,16 +87,16 @@ def local_copy(reference: str | Path) -> Path:
     return registered_model(str(reference))
 
 
-def load(reference: str | Path) -> dict:
-    """A checkpoint's contents, read without running any code it might hold."""
-    path = local_copy(reference)
+def read_weights(path: Path):
+    """What ``torch.save`` wrote to ``path``, read without running any code it might hold; a file
+    that is damaged, of another kind or holds objects is a `CheckpointError`."""
     if not zipfile.is_zipfile(path):  # what torch.save writes; a cut-off file has lost its directory
         raise CheckpointError(
             f"{path} is not a readable checkpoint (damaged, cut off or another kind of file); pass a .pt file "
             f"that train wrote (a damaged last.pt has best.pt beside it, or train into a new --output)"
         )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # weights_only refuses objects other than tensors and plain values
         raise CheckpointError(
             f"{path} holds objects other than weights, which are not loaded (they could run code); pass a .pt "
@@ -107,6 +107,12 @@ def load(reference: str | Path) -> dict:
         raise CheckpointError(
             f"{path} is damaged ({first_line}); use the best.pt beside it, or train into a new --output"
         ) from None
+
+
+def load(reference: str | Path) -> dict:
+    """A checkpoint of this project, read without running any code it might hold."""
+    path = local_copy(reference)
+    checkpoint = read_weights(path)
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= set(checkpoint):
         raise CheckpointError(f"{path} is not a checkpoint of this project (it lacks 'model' and 'config')")
     return checkpoint

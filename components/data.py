@@ -187,6 +187,9 @@ def _read_csv(path: Path, **options) -> tuple[pd.DataFrame, str]:
             return pd.read_csv(path, encoding=encoding, **options), encoding
         except UnicodeDecodeError:
             continue
+        except (pd.errors.EmptyDataError, pd.errors.ParserError) as error:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise DataError(f"{path} cannot be read as a CSV ({first_line}); fix it or remove it") from None
     raise DataError(f"{path} is neither UTF-8 nor {CSV_FALLBACK_ENCODING} text; save it as UTF-8")
 
 

@@ -134,7 +134,11 @@ def evaluate(
         figure = attention_figure({f"at {size}": (model, images[sample])}, labels[sample], classes)
         figure.savefig(output_json.with_suffix(".attention_maps.png"), dpi=100)
         tracker.figure("attention maps", figure)
-        caption = ATTENTION_CAPTION.format(views=f"At the size the model was trained at, {size} px.")
+        trained_size = saved["config"]["image_size"][0]
+        view = f"At {size} px" + (
+            " (the trained size)." if size == trained_size else f", trained at {trained_size} px."
+        )
+        caption = ATTENTION_CAPTION.format(views=view)
         result["plots"].append({"path": str(output_json.with_suffix(".attention_maps.png")), "caption": caption})
         tracker.artifact("metrics", {k: v for k, v in result.items() if k not in ("per_class", "plots")})
     result["clearml"] = tracker.session

@@ -70,7 +70,10 @@ def _read(source: str) -> tuple[dict, dict, tuple[int, int], str, str | None]:
             f"state dict or a checkpoint of this project, or (with a ClearML server) a model id"
         ) from None
     model_id = None if Path(source).is_file() else source
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        loaded = checkpoints.read_weights(path)
+    except CheckpointError as error:
+        raise ConfigError(f"--init {source}: {error}") from None
     if isinstance(loaded, dict) and {"model", "config"} <= set(loaded):
         config = loaded["config"]
         grid = tuple(side // config["patch_size"] for side in config["image_size"])

@@ -262,25 +262,31 @@ def download_plots(result: dict, folder: Path) -> dict:
 
 
 def register_dataset(data, parent: str | None = None) -> str:
-    """The id of the ClearML Dataset holding ``data`` (a `components.data.DataVersion`), created only if no dataset with
-    the same content hash exists. ``parent``: the id of the ClearML Dataset the version was
-    prepared from, recorded as its parent (the lineage in the web UI); the new version holds
-    exactly the prepared files, whatever the parent had."""
+    """The id of the ClearML Dataset holding ``data`` (a `components.data.DataVersion`), created
+    only if no dataset with the same content hash exists. ``parent``: the id of the ClearML
+    Dataset the version was prepared from, recorded as its parent (the lineage in the web UI);
+    the new version holds exactly the prepared files, whatever the parent had."""
     from clearml import Dataset
 
     tags = [f"sha:{data.version}"]
-    existing = Dataset.list_datasets(dataset_project=DATASET_PROJECT, tags=tags, only_completed=True)
-    if existing:
-        return existing[0]["id"]
-    dataset = Dataset.create(
-        dataset_name="headgear",
-        dataset_project=DATASET_PROJECT,
-        dataset_tags=tags,
-        parent_datasets=[parent] if parent else None,
-    )
-    dataset.sync_folder(local_path=str(data.root))
-    dataset.upload(show_progress=True)
-    dataset.finalize()
+    try:
+        existing = Dataset.list_datasets(dataset_project=DATASET_PROJECT, tags=tags, only_completed=True)
+        if existing:
+            return existing[0]["id"]
+        dataset = Dataset.create(
+            dataset_name="headgear",
+            dataset_project=DATASET_PROJECT,
+            dataset_tags=tags,
+            parent_datasets=[parent] if parent else None,
+        )
+        dataset.sync_folder(local_path=str(data.root))
+        dataset.upload(show_progress=True)
+        dataset.finalize()
+    except Exception as error:  # the server or its file storage failed; ClearML raises many kinds
+        raise TrackingError(
+            f"could not register data version {data.version} as a ClearML Dataset ({type(error).__name__}: "
+            f"{error}); check the server and its file storage (--output-uri), then run again"
+        ) from None
     return dataset.id
 
 
@@ -305,15 +311,20 @@ def registered_model(model_id: str) -> Path:
 
     try:
         model = InputModel(model_id=model_id)
-        if Task.current_task() is not None:
-            model.connect(Task.current_task(), name="checkpoint")
-        return Path(model.get_local_copy(raise_on_error=True))
-    except ValueError as error:
+        if Task.current_task() is not None:  # the id given, not one a cloned task held before
+            model.connect(Task.current_task(), name="checkpoint", ignore_remote_overrides=True)
+        local = model.get_local_copy(raise_on_error=True)
+    except Exception as error:  # ClearML raises many kinds for an unknown id or a failed download
+        local, reason = None, f"{type(error).__name__}: {error}"
+    else:
+        reason = "it has no weights file"
+    if not local:
         raise TrackingError(
-            f"no checkpoint at {model_id} and no ClearML model {model_id} could be downloaded ({error}); pass a "
+            f"no checkpoint at {model_id} and no ClearML model {model_id} could be downloaded ({reason}); pass a "
             f"checkpoint file or the id of a model that train registered with its weights uploaded "
             f"(the pipeline's --output-uri)"
-        ) from None
+        )
+    return Path(local)
 
 
 def task_seconds(task_id: str) -> float | None:

@@ -375,7 +375,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--preset", default="vit-ti16-224", choices=list(PRESETS), help="training preset (default: vit-ti16-224)"
     )
     parser.add_argument(
-        "--output", type=Path, default=None, help="run folder of the local mode (default: runs/<date-time>)"
+        "--output",
+        type=cli.output_folder,
+        default=None,
+        help="run folder of the local mode (default: runs/<date-time>)",
     )
     parser.add_argument(
         "--local", action="store_true", help="run here with ClearML offline, even if a server is configured"

@@ -220,6 +220,7 @@ def run_pipeline(*args):
         (["--data", "no-such-archive.zip"], "data source 'no-such-archive.zip' is not a file or folder here"),
         (["--data", "README.md"], "README.md is a file but not a zip archive"),
         (["--init", "no-such-weights.pt"], "--init no-such-weights.pt: no such file"),
+        (["--output", "README.md"], "argument --output: README.md is a file, not a folder"),
     ],
 )
 def test_the_pipeline_checks_its_inputs_before_the_first_step(tmp_path, args, message):
@@ -230,3 +231,16 @@ def test_the_pipeline_checks_its_inputs_before_the_first_step(tmp_path, args, me
     assert message in error_line(result, "run_pipeline")
     assert time.monotonic() - started < 30  # no step ran: the attention benchmark alone takes longer
     assert not (tmp_path / "run" / "steps").exists()
+
+
+def test_an_init_file_that_is_not_weights_is_one_line(tmp_path, prepared):
+    (tmp_path / "notes.pt").write_text("not weights")
+    result = run("train", "--data", prepared, "--output", tmp_path / "out", "--init", tmp_path / "notes.pt")
+    assert "--init " in error_line(result, "train") and "is not a readable checkpoint" in result.stderr
+
+
+def test_a_csv_that_cannot_be_parsed_is_named(tmp_path):
+    folder = make_layout(tmp_path / "raw", per_split=(2, 1, 1), csv_name=None)
+    (folder / "notes.csv").write_text("")  # an empty CSV beside the folders, probed for the columns
+    result = run("fetch_data", "--source", folder, "--output", tmp_path / "out")
+    assert "notes.csv cannot be read as a CSV" in error_line(result, "fetch_data")

@@ -376,6 +376,32 @@ def test_a_local_data_archive_becomes_a_dataset_before_the_pipeline_starts(monke
     assert len(registered) == 1 and len(registered[0].files) == (4 + 2 + 2) * len(CLASSES)
 
 
+def test_a_model_without_weights_or_unknown_to_the_server_is_a_clear_error(monkeypatch):
+    # No server here: InputModel is replaced by what ClearML does for these cases (read from its source).
+    import clearml
+
+    from components import checkpoints, tracking
+
+    class NoWeights:  # registered without an uploaded file: get_local_copy returns None
+        def __init__(self, model_id):
+            pass
+
+        def get_local_copy(self, raise_on_error=False):
+            return None
+
+    class Unknown(NoWeights):  # an id the server does not know: its data stays None
+        def get_local_copy(self, raise_on_error=False):
+            raise AttributeError("'NoneType' object has no attribute 'system_tags'")
+
+    monkeypatch.setattr("components.tracking.server_configured", lambda: True)
+    for stand_in, reason in ((NoWeights, "it has no weights file"), (Unknown, "AttributeError")):
+        tracking.registered_model.cache_clear()
+        monkeypatch.setattr(clearml, "InputModel", stand_in)
+        with pytest.raises(TrackingError, match=f"no ClearML model m1 could be downloaded \\({reason}"):
+            checkpoints.local_copy("m1")
+    tracking.registered_model.cache_clear()
+
+
 def test_a_model_that_cannot_be_downloaded_is_a_clear_error(monkeypatch, tmp_path):
     # With a server, a model id resolves through InputModel; one that fails is said so, not a None path.
     import clearml
