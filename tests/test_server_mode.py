@@ -138,7 +138,9 @@ class InputModel:
             raise ValueError(f"no model {model_id}")
         self.id = model_id
 
-    def connect(self, task, name=None):
+    def connect(self, task, name=None, ignore_remote_overrides=False):
+        # On an agent, without it ClearML swaps in the input model a cloned task held before.
+        assert ignore_remote_overrides, "the model given must be the model loaded"
         data = registry()
         data["inputs"].setdefault(task.id, []).append(self.id)
         save(data)
