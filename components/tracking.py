@@ -216,12 +216,9 @@ def report_results(title: str, values: dict[str, float | None]) -> None:
             task.get_logger().report_scalar(title, series, value=float(value), iteration=0)
 
 
-def _plot_path(entry) -> Path:
-    return Path(entry["path"] if isinstance(entry, dict) else entry)
-
-
-def _plot_artifact(entry) -> str:
-    return f"plot {_plot_path(entry).name}"
+def _plot_artifact(entry: dict) -> str:
+    """The artifact name of a result's plot entry (``{"path", "caption"}``)."""
+    return f"plot {Path(entry['path']).name}"
 
 
 def upload_plots(result: dict) -> dict:
@@ -233,7 +230,7 @@ def upload_plots(result: dict) -> dict:
     task = Task.current_task()
     if task is not None and server_configured():
         for entry in result.get("plots", []):
-            task.upload_artifact(_plot_artifact(entry), artifact_object=_plot_path(entry), wait_on_upload=True)
+            task.upload_artifact(_plot_artifact(entry), artifact_object=Path(entry["path"]), wait_on_upload=True)
     return result
 
 
@@ -252,9 +249,9 @@ def download_plots(result: dict, folder: Path) -> dict:
         if name not in artifacts:
             raise TrackingError(f"task {result['clearml']} has no artifact {name!r}: its step did not upload its plots")
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / _plot_path(entry).name
+        path = folder / Path(entry["path"]).name
         shutil.copyfile(artifacts[name].get_local_copy(raise_on_error=True), path)
-        local.append({**entry, "path": str(path)} if isinstance(entry, dict) else str(path))
+        local.append({**entry, "path": str(path)})
     return {**result, "plots": local}
 
 
