@@ -74,9 +74,9 @@ def _on_host(value):
     return value
 
 
-def local_copy(reference: str | Path) -> Path:
+def local_copy(reference: str | Path, role: str = "checkpoint") -> Path:
     """A checkpoint file: ``reference`` itself, or with a ClearML server, the local copy of
-    the registered model of that id."""
+    the registered model of that id, recorded as the running task's input ``role``."""
     path = Path(reference)
     if path.is_file():
         return path
@@ -84,7 +84,7 @@ def local_copy(reference: str | Path) -> Path:
 
     if not server_configured():
         raise CheckpointError(f"no checkpoint at {path}; pass the .pt file that train wrote (see its train.json)")
-    return registered_model(str(reference))
+    return registered_model(str(reference), role)
 
 
 def read_weights(path: Path):

@@ -15,7 +15,6 @@ setting to change, before the data is touched.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -33,7 +32,6 @@ POS_EMBED = "projector.pos_embed"
 class InitialWeights(NamedTuple):
     state: dict[str, torch.Tensor]  # every parameter of the model but its head
     description: str  # where they come from, for the log
-    model_id: str | None  # the ClearML model they come from, if they do
 
 
 def initial_weights(source: str, model_config: dict) -> InitialWeights:
@@ -41,7 +39,7 @@ def initial_weights(source: str, model_config: dict) -> InitialWeights:
     its architecture and ``image_size``), without the head, the position embeddings resized to
     the model's grid. Raises ValueError, saying what to change, for an architecture other than
     the model's or a source that cannot be read."""
-    state, architecture, grid, description, model_id = _read(source)
+    state, architecture, grid, description = _read(source)
     ours = {"in_channels": 3, **model_config}
     attention_width = architecture.pop("attention_width", None)  # a timm state dict holds no head count
     _check_architecture(source, architecture, ours)
@@ -55,21 +53,20 @@ def initial_weights(source: str, model_config: dict) -> InitialWeights:
     target = (height // ours["patch_size"], width // ours["patch_size"])
     state = {name: tensor for name, tensor in state.items() if not name.startswith("head.")}
     state[POS_EMBED] = resize_pos_embed(state[POS_EMBED], grid, target)
-    return InitialWeights(state, description, model_id)
+    return InitialWeights(state, description)
 
 
-def _read(source: str) -> tuple[dict, dict, tuple[int, int], str, str | None]:
-    """(our state dict, the source's architecture, its patch grid, description, ClearML id)."""
+def _read(source: str) -> tuple[dict, dict, tuple[int, int], str]:
+    """(our state dict, the source's architecture, its patch grid, description)."""
     if source.startswith("timm:"):
-        return (*_from_timm(source), None)
+        return _from_timm(source)
     try:
-        path = checkpoints.local_copy(source)
+        path = checkpoints.local_copy(source, role="initial weights")
     except CheckpointError:
         raise ConfigError(
             f"--init {source}: no such file; give timm:<model name>, a file holding a timm VisionTransformer "
             f"state dict or a checkpoint of this project, or (with a ClearML server) a model id"
         ) from None
-    model_id = None if Path(source).is_file() else source
     try:
         loaded = checkpoints.read_weights(path)
     except CheckpointError as error:
@@ -78,7 +75,7 @@ def _read(source: str) -> tuple[dict, dict, tuple[int, int], str, str | None]:
         config = loaded["config"]
         grid = tuple(side // config["patch_size"] for side in config["image_size"])
         architecture = {name: config[name] for name in ARCHITECTURE}
-        return loaded["model"], architecture, grid, f"checkpoint {source}", model_id
+        return loaded["model"], architecture, grid, f"checkpoint {source}"
     for wrapper in ("model", "state_dict"):  # how DeiT's and other training scripts save them
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]
@@ -91,7 +88,7 @@ def _read(source: str) -> tuple[dict, dict, tuple[int, int], str, str | None]:
     except ValueError as error:
         raise ConfigError(f"--init {source}: {error}") from None
     grid = architecture.pop("grid")
-    return timm_state_to_ours(loaded), architecture, grid, f"timm state dict {source}", model_id
+    return timm_state_to_ours(loaded), architecture, grid, f"timm state dict {source}"
 
 
 def _from_timm(source: str) -> tuple[dict, dict, tuple[int, int], str]:

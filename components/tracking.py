@@ -85,6 +85,40 @@ def check_server(timeout_s: float = PING_TIMEOUT_S) -> str:
     return host
 
 
+def report_from_threads() -> None:
+    """Makes ClearML report from threads of this process instead of a forked sub-process (the
+    Linux default, ``sdk.development.report_use_subprocess``). A fork taken while repository
+    detection reads ``git``'s output inherits that pipe: detection never ends, and whatever
+    waits for it (``PipelineController``, 300 s) gives up and stores the task without its
+    repository. Call it before the first task of the process."""
+    from clearml.config import ConfigSDKWrapper, ConfigWrapper
+
+    ConfigWrapper.set_overrides({"sdk": {"development": {"report_use_subprocess": False}}})
+    ConfigSDKWrapper.clear_config_impl()
+
+
+def files_server() -> str:
+    """The file server the SDK uploads to when a task's output destination is True."""
+    from clearml.backend_api.session import Session
+
+    return Session.get_files_server_host()
+
+
+def prepare_queues(names: list[str]) -> dict[str, bool]:
+    """Creates the queues the server lacks (a controller skips a step whose queue does not
+    exist); returns, for each queue, whether an agent serves it."""
+    from clearml.backend_api.session.client import APIClient
+
+    client = APIClient()
+    existing = {queue.name for queue in client.queues.get_all()}
+    for name in names:
+        if name not in existing:
+            client.queues.create(name=name)
+            print(f"created the queue {name!r} on the server")
+    served = {queue.name for worker in client.workers.get_all() for queue in worker.queues or []}
+    return {name: name in served for name in names}
+
+
 def child_environment(**overrides: str) -> dict[str, str]:
     """The environment for a component started as a new process: without the markers
     ClearML sets for its own sub-processes, which would make the child's task a stub of ours."""
@@ -96,8 +130,8 @@ def child_environment(**overrides: str) -> dict[str, str]:
 class Tracker:
     """A thin face over one ClearML task, the same online and offline."""
 
-    def __init__(self, task, offline: bool, output_dir: Path, reused: bool = False):
-        self.task, self.offline, self.output_dir = task, offline, output_dir
+    def __init__(self, task, component: str, offline: bool, output_dir: Path, reused: bool = False):
+        self.task, self.component, self.offline, self.output_dir = task, component, offline, output_dir
         self.reused = reused  # the task was already running (a pipeline step): it stays open after the block
         self.logger = task.get_logger()
         self.session: str = task.id  # becomes the offline session's zip path on close
@@ -124,18 +158,12 @@ class Tracker:
     def artifact(self, name: str, obj) -> None:
         self.task.upload_artifact(name, artifact_object=obj, wait_on_upload=True)
 
-    def input_model(self, model_id: str) -> None:
-        """Records a registered model (the initial weights) as an input of the task; the
-        ``init`` parameter, not this link, decides what a cloned task starts from."""
-        from clearml import InputModel
-
-        InputModel(model_id=model_id).connect(self.task, name="initial weights", ignore_remote_overrides=True)
-
     def model(self, path: Path, name: str, config: dict) -> str | None:
-        """Registers weights: an ``OutputModel`` with a server (returns its id, which later
-        steps resolve to a local copy), its labels those the checkpoint was trained on, its
-        weights uploaded to the task's output destination; offline, where ``OutputModel``
-        crashes, an artifact."""
+        """Registers weights: an ``OutputModel`` named ``name`` in the registry, shown on the
+        task under the component's name (what the pipeline's page monitors), with a server
+        (returns its id, which later steps resolve to a local copy), its labels those the
+        checkpoint was trained on, its weights uploaded to the task's output destination;
+        offline, where ``OutputModel`` crashes, an artifact."""
         if self.offline:
             self.artifact(name, path)
             return None
@@ -150,6 +178,7 @@ class Tracker:
             framework="PyTorch",
             label_enumeration={label: index for index, label in enumerate(classes)},
         )
+        output.connect(self.task, name=self.component)  # else the task names it after the file
         output.update_weights(weights_filename=str(path), auto_delete_file=False)
         return output.id
 
@@ -167,7 +196,7 @@ def open_task(component: str, task_type: str, output_dir: Path, title: str = "")
 
     running = Task.current_task()
     if running is not None:
-        yield Tracker(running, offline, output_dir, reused=True)
+        yield Tracker(running, component, offline, output_dir, reused=True)
         return
     if offline and "CLEARML_CONFIG_FILE" not in os.environ:
         # The reporter's sub-process waits 10 s per close for a server offline; threads do not.
@@ -190,7 +219,7 @@ def open_task(component: str, task_type: str, output_dir: Path, title: str = "")
         auto_resource_monitoring=not offline,
         output_uri=None if offline else True,
     )
-    tracker = Tracker(task, offline, output_dir)
+    tracker = Tracker(task, component, offline, output_dir)
     previous = _exit_on_sigterm()
     try:
         yield tracker
@@ -258,23 +287,29 @@ def download_plots(result: dict, folder: Path) -> dict:
 # --- what lives on the server: Datasets and registered models ---------------------------------
 
 
-def register_dataset(data, parent: str | None = None) -> str:
+def register_dataset(data, parent: str | None = None, output_uri: str | None = None) -> str:
     """The id of the ClearML Dataset holding ``data`` (a `components.data.DataVersion`), created
-    only if no dataset with the same content hash exists. ``parent``: the id of the ClearML
-    Dataset the version was prepared from, recorded as its parent (the lineage in the web UI);
-    the new version holds exactly the prepared files, whatever the parent had."""
-    from clearml import Dataset
+    only if no completed, unarchived dataset with the same content hash exists. ``parent``: the
+    id of the ClearML Dataset the version was prepared from, recorded as its parent (the lineage
+    in the web UI); the new version holds exactly the prepared files, whatever the parent had.
+    Its files go to ``output_uri`` (default: the running task's output destination, else the
+    file server)."""
+    from clearml import Dataset, Task
 
     tags = [f"sha:{data.version}"]
+    if output_uri is None and Task.current_task() is not None:
+        output_uri = Task.current_task().output_uri or None
     try:
-        existing = Dataset.list_datasets(dataset_project=DATASET_PROJECT, tags=tags, only_completed=True)
-        if existing:
-            return existing[0]["id"]
+        existing = Dataset.list_datasets(dataset_project=DATASET_PROJECT, tags=tags, include_archived=False)
+        usable = [d for d in existing if str(d["status"]) in ("completed", "published")]  # not an upload cut short
+        if usable:
+            return usable[0]["id"]
         dataset = Dataset.create(
             dataset_name="headgear",
             dataset_project=DATASET_PROJECT,
             dataset_tags=tags,
             parent_datasets=[parent] if parent else None,
+            output_uri=output_uri,
         )
         dataset.sync_folder(local_path=str(data.root))
         dataset.upload(show_progress=True)
@@ -285,6 +320,23 @@ def register_dataset(data, parent: str | None = None) -> str:
             f"{error}); check the server and its file storage (--output-uri), then run again"
         ) from None
     return dataset.id
+
+
+def check_dataset(dataset_id: str) -> None:
+    """Raises a TrackingError unless the server knows a finished Dataset of that id."""
+    from clearml import Dataset
+
+    found = Dataset.list_datasets(ids=[dataset_id], only_completed=False)
+    if not found:
+        raise TrackingError(
+            f"data source {dataset_id!r} is neither a file or folder here nor a ClearML Dataset the server knows; "
+            f"pass 'kaggle', a zip, a folder in the headgear layout or a Dataset id"
+        )
+    if str(found[0]["status"]) not in ("completed", "published"):
+        raise TrackingError(
+            f"the ClearML Dataset {dataset_id} is {found[0]['status']}, not finalized: its upload did not finish; "
+            f"upload it again or pass another Dataset"
+        )
 
 
 def dataset_local_copy(dataset_id: str) -> Path:
@@ -301,26 +353,31 @@ def dataset_local_copy(dataset_id: str) -> Path:
 
 
 @functools.cache
-def registered_model(model_id: str) -> Path:
+def registered_model(model_id: str, role: str) -> Path:
     """The weights of a registered model, downloaded once per process and connected to the
-    running task as its input model (the model's lineage in the web UI)."""
+    running task as its input model named ``role`` (the model's lineage in the web UI)."""
     from clearml import InputModel, Task
+
+    def refuse(reason: str):
+        raise TrackingError(
+            f"no checkpoint at {model_id} and no ClearML model {model_id} could be downloaded ({reason}); pass a "
+            f"checkpoint file or the id of a model that train registered with its weights uploaded (the "
+            f"pipeline's --output-uri)"
+        )
 
     try:
         model = InputModel(model_id=model_id)
-        if Task.current_task() is not None:  # the id given, not one a cloned task held before
-            model.connect(Task.current_task(), name="checkpoint", ignore_remote_overrides=True)
+        model.name  # noqa: B018 - an id the server does not know leaves the model without data
+    except Exception:  # ClearML raises many kinds for an unknown id
+        refuse("the server knows no model of that id")
+    if Task.current_task() is not None:  # the id given, not one a cloned task held before
+        model.connect(Task.current_task(), name=role, ignore_remote_overrides=True)
+    try:
         local = model.get_local_copy(raise_on_error=True)
-    except Exception as error:  # ClearML raises many kinds for an unknown id or a failed download
-        local, reason = None, f"{type(error).__name__}: {error}"
-    else:
-        reason = "it has no weights file"
+    except Exception as error:  # ClearML raises many kinds for a failed download
+        refuse(f"{type(error).__name__}: {error}")
     if not local:
-        raise TrackingError(
-            f"no checkpoint at {model_id} and no ClearML model {model_id} could be downloaded ({reason}); pass a "
-            f"checkpoint file or the id of a model that train registered with its weights uploaded "
-            f"(the pipeline's --output-uri)"
-        )
+        refuse("it has no weights file")
     return Path(local)
 
 

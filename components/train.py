@@ -614,8 +614,6 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             state = TrainingState.start(config, dataset.classes, dataset.version, device, initial)
             if initial is not None:
                 print(f"initial weights: {initial.description}")
-                if initial.model_id:
-                    tracker.input_model(initial.model_id)
             show_augmented_sample(tracker, splits, dataset.classes, config)
         else:
             state = TrainingState.from_checkpoint(saved, config, dataset.classes, dataset.version, device)

@@ -52,9 +52,10 @@ def evaluate_step(checkpoint: str, data: str, *, output: str = "outputs"):
 
     from components.evaluate import evaluate
     from components.tracking import report_results, upload_plots
+    from pipelines.page import RESULTS, TEST_ACCURACY
 
     result = upload_plots(evaluate(checkpoint, data, Path(output) / "evaluate" / "evaluate.json"))
-    report_results("results", {"test accuracy @ training size": result["test_accuracy"]})
+    report_results(RESULTS, {TEST_ACCURACY: result["test_accuracy"]})
     return result
 
 
@@ -63,16 +64,11 @@ def highres_step(checkpoint: str, data: str, image_size: int, finetune_steps: in
 
     from components.highres import highres
     from components.tracking import report_results, upload_plots
+    from pipelines.page import HIGHRES_ACCURACY, RESULTS
 
     output_json = Path(output) / "highres" / "highres.json"
     result = upload_plots(highres(checkpoint, data, output_json, int(image_size), int(finetune_steps)))
-    report_results(
-        "results",
-        {
-            "test accuracy @ high res, bicubic": result["test_accuracy_bicubic"],
-            "test accuracy @ high res, fine-tuned": result["test_accuracy_finetuned"],
-        },
-    )
+    report_results(RESULTS, {series: result[key] for key, series in HIGHRES_ACCURACY.items()})
     return result
 
 
@@ -81,6 +77,7 @@ def benchmark_step(sweep: str, *, output: str = "outputs"):
 
     from components.benchmark_attention import benchmark_attention
     from components.tracking import report_results, upload_plots
+    from pipelines.page import RESULTS, speedup_series
 
     quick = sweep == "quick" or (sweep == "auto" and not torch.cuda.is_available())
     output_json = Path(output) / "benchmark_attention" / "benchmark.json"
@@ -88,9 +85,9 @@ def benchmark_step(sweep: str, *, output: str = "outputs"):
     best = {}
     for row in result["rows"]:
         if row["impl"] != "separate":
-            series = f"best speed-up of {row['impl']} over separate QKV"
+            series = speedup_series(row["impl"])
             best[series] = max(best.get(series, 0.0), row["speedup_vs_separate"])
-    report_results("results", best)
+    report_results(RESULTS, best)
     return result
 
 

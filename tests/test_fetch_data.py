@@ -92,42 +92,46 @@ def test_a_local_folder_source_and_a_bad_one(layout, tmp_path):
         fetch_data(str(tmp_path / "missing.zip"), tmp_path / "out2")
 
 
-def test_with_a_server_each_content_hash_is_registered_once(layout, tmp_path, monkeypatch):
-    # No ClearML server can run here: its Dataset API is replaced by an in-memory registry.
-    from clearml import Dataset
+REGISTER = """
+import json, sys
+from pathlib import Path
+from clearml import Dataset, Task
+from components.data import prepare
+from components.tracking import DATASET_PROJECT, register_dataset
 
-    from components.data import prepare
-    from components.tracking import DATASET_PROJECT, register_dataset
+data, other = (prepare(Path(folder), Path(sys.argv[3])) for folder in sys.argv[1:3])
+tags = [f"sha:{data.version}"]
+archived = Dataset.create(dataset_name="headgear", dataset_project=DATASET_PROJECT, dataset_tags=tags)
+archived.finalize()
+Task.get_task(task_id=archived.id).set_archived(True)
+cut_short = Dataset.create(dataset_name="headgear", dataset_project=DATASET_PROJECT, dataset_tags=tags)
+Task.get_task(task_id=cut_short.id).mark_stopped(force=True)  # an upload that never finished
+first = register_dataset(data, output_uri=sys.argv[4])
+again = register_dataset(data)
+derived = register_dataset(other, parent=first)
+print(json.dumps({"archived": archived.id, "cut_short": cut_short.id, "first": first, "again": again,
+                  "derived": derived, "derived_parents": Dataset.get(dataset_id=derived).get_dependency_graph()}))
+"""
+
+
+def test_with_a_server_each_content_hash_is_registered_once_and_only_a_finished_dataset_is_reused(layout, tmp_path):
+    # The real SDK against the server stand-in (tests/clearml_server.py), in a process of its
+    # own: this one runs ClearML offline.
+    from tests.clearml_server import ClearMLStandIn
     from tests.conftest import make_layout
 
-    registry = []
-
-    class ServerDataset:
-        def __init__(self, project, tags, parents):
-            self.id, self.project, self.tags, self.files = f"dataset-{len(registry)}", project, tags, []
-            self.parents = parents
-
-        def sync_folder(self, local_path):
-            self.files.append(local_path)
-
-        def upload(self, show_progress=True):
-            pass
-
-        def finalize(self):
-            registry.append(self)
-
-    def create(dataset_name, dataset_project, dataset_tags, parent_datasets):
-        return ServerDataset(dataset_project, dataset_tags, parent_datasets)
-
-    def list_datasets(dataset_project, tags, only_completed):
-        return [{"id": d.id} for d in registry if d.project == dataset_project and d.tags == tags]
-
-    monkeypatch.setattr(Dataset, "create", staticmethod(create))
-    monkeypatch.setattr(Dataset, "list_datasets", staticmethod(list_datasets))
-    data = prepare(layout, tmp_path / "store")
-    assert register_dataset(data) == register_dataset(data) == "dataset-0"
-    assert len(registry) == 1 and registry[0].files == [str(data.root)] and registry[0].project == DATASET_PROJECT
-    other = prepare(make_layout(tmp_path / "other", per_split=(4, 2, 2)), tmp_path / "store")
-    assert register_dataset(other) == "dataset-1" and registry[1].parents is None
-    third = prepare(make_layout(tmp_path / "third", per_split=(3, 1, 1)), tmp_path / "store")
-    assert register_dataset(third, parent="raw-upload") == "dataset-2" and registry[2].parents == ["raw-upload"]
+    other = make_layout(tmp_path / "other", per_split=(4, 2, 2))
+    with ClearMLStandIn(tmp_path / "server") as server:
+        destination = f"{server.files_host}/elsewhere"
+        run = subprocess.run(
+            [sys.executable, "-c", REGISTER, str(layout), str(other), str(tmp_path / "store"), destination],
+            cwd=REPO, env=server.client_environment(tmp_path / "home"), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        ids = json.loads(run.stdout.strip().splitlines()[-1])
+        tasks = server.api.tasks
+    assert ids["first"] not in (ids["archived"], ids["cut_short"])  # neither an archived nor an unfinished one
+    assert ids["again"] == ids["first"] and ids["derived"] != ids["first"]
+    assert ids["derived_parents"][ids["derived"]] == [ids["first"]]
+    uploaded = [a["uri"] for a in tasks[ids["first"]]["execution"]["artifacts"]]
+    assert uploaded and all(uri.startswith(f"{destination}/") for uri in uploaded)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from components.tracking import child_environment
-from pipelines.run_pipeline import DAG, default_highres_size, step_queues
+from pipelines.dag import DAG, default_highres_size
+from pipelines.server import step_queues
 from tests.conftest import REPO, SHAPE_CLASSES, SHAPES_PER_SPLIT, closed_port, make_layout
 from tests.sessions import read_session, scalars
 
@@ -217,15 +218,15 @@ def test_the_server_mode_pipeline_has_the_dag_types_queues_image_and_parameters(
         "highres_size",
         "finetune_steps",
         "benchmark",
+        "output_uri",
         *(f"queue_{name}" for name in DAG),
     }  # no output folder, no mode: nothing that means nothing on an agent
+    # where the steps upload: a parameter, so that a controller re-run by an agent keeps it
+    assert parameters["output_uri"] == "https://files.example.com/headgear"
     for task in steps.values():
         assert task["container"]["image"] == "registry.example/headgear-vit:1"
         assert task["script"]["repository"] == "https://git.example/headgear-vit.git"
         assert task["script"]["version_num"] == "0123abc"
-        assert (
-            task["output"]["destination"] == "https://files.example.com/headgear"
-        )  # models and artifacts are uploaded there
         assert "auto_connect_frameworks=False" in task["script"]["diff"]  # no model entry per torch.save
         assert not any(key.endswith(("/output", "/mode")) for key in task["pipeline"]["parameters"])
     assert nodes["fetch_data"]["cache_executed_step"] and not nodes["train"]["cache_executed_step"]
@@ -239,7 +240,8 @@ def test_the_server_mode_pipeline_has_the_dag_types_queues_image_and_parameters(
     assert nodes["evaluate"]["monitor_metrics"] == [["results", "test accuracy @ training size"]]
     assert ["results", "test accuracy @ high res, fine-tuned"] in nodes["highres"]["monitor_metrics"]
     assert ["results", "best speed-up of fused over separate QKV"] in nodes["benchmark_attention"]["monitor_metrics"]
-    assert nodes["train"]["monitor_models"] == nodes["highres"]["monitor_models"] == ["*"]
+    assert nodes["train"]["monitor_models"] == ["train"]  # each model is named after its step on the step's task
+    assert nodes["highres"]["monitor_models"] == ["highres"]
 
 
 def test_every_generated_step_script_compiles(tmp_path):

@@ -1,442 +1,353 @@
-"""Every server-mode step run the way clearml-agent runs it, from what ``run_pipeline.py
---dry-run`` says it will run.
+"""Server mode end to end: the real ``run_pipeline.py``, the real ``PipelineController`` and a
+real ``clearml-agent daemon`` against a ClearML server stand-in (tests/clearml_server.py).
 
-For each step, in DAG order: a fresh ``git clone`` of this repository at HEAD (so the test
-runs the committed code, not uncommitted changes), the step's generated script written as
-``<function>.py`` at the clone's root, run in a fresh process with the clone as working
-folder, ClearML offline, HOME and ClearML's cache in the step's own folder. When a step is
-done its clone is deleted: the next step cannot see its files, as on another agent.
-
-No ClearML server can run here, so a small bootstrap (BOOTSTRAP below) stands in for what
-needs one, and only that:
-- the agent sets the step's parameters on its task before the script starts; offline there
-  is no such task, so the bootstrap hands the resolved values to the script's
-  ``task.connect(kwargs)`` and ``task.get_parameters()``;
-- the script fetches its inputs from the parent steps' tasks by id (``Task.get_task``): the
-  bootstrap answers with what the parent stored, read back from the parent's offline session;
-- the Dataset and model registries (``clearml.Dataset``, ``OutputModel``, ``InputModel``) are
-  a folder the steps cannot otherwise see, and the code's server branch is taken
-  (``server_configured`` answers True), so that what the steps hand on is the id a server
-  would give.
-Everything else (the generated script, ClearML's offline task, the components) is real.
+What runs for real: the launcher builds and starts the controller on this machine (or enqueues
+it for an agent), agents take the steps from their queues, clone the repository from a
+``file://`` URL of a fresh commit of this working tree, run each generated step script at the
+clone's root with the environment of ``docker/Dockerfile`` (the image's python replaced by this
+one), upload models, artifacts and Datasets to the stand-in's file server and hand each other
+ids. What is stood in for: the ClearML server itself (an in-memory HTTP stand-in, see its
+docstring for what it cannot show) and Docker (the agents run without it).
 """
 
-import datetime
 import json
 import os
-import pickle
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
-import zipfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from components.tracking import TrackingError, child_environment
-from pipelines.run_pipeline import DAG
+from pipelines.dag import DAG
+from tests.clearml_server import ClearMLStandIn
 from tests.conftest import CLASSES, REPO, make_layout
-from tests.sessions import read_session, scalars
 
-BOOTSTRAP = r'''
-"""Runs a generated step script as the agent would, with the fake server of the test."""
-import datetime
-import itertools
-import json
-import pickle
-import runpy
-import shutil
-import sys
-import types
-from pathlib import Path
-
-spec = json.loads(Path(sys.argv[1]).read_text())
-script = Path(spec["script"]).resolve()
-sys.path[0] = str(script.parent)  # what `python <function>.py` at the clone's root gives the script
-sys.argv = [str(script)]
-server = Path(spec["server"])
-registry_path = server / "registry.json"
-scratch = Path(spec["scratch"])
-counter = itertools.count()
+pytestmark = pytest.mark.slow
+STEPS = list(DAG)
+FINISHED = ("completed", "failed", "stopped", "closed", "published")
 
 
-def registry():
-    return json.loads(registry_path.read_text())
-
-
-def save(data):
-    registry_path.write_text(json.dumps(data, indent=1))
-
-
-def local_copy(path):
-    """A download: a copy in this step's own folder."""
-    target = scratch / f"download-{next(counter)}" / Path(path).name
-    target.parent.mkdir(parents=True)
-    (shutil.copytree if Path(path).is_dir() else shutil.copyfile)(path, target)
-    return str(target)
-
-
-import clearml
-from clearml import Task
-
-import components.tracking
-
-components.tracking.server_configured = lambda: True  # the server branch of the code
-
-
-class Dataset:
-    def __init__(self, dataset_id, entry=None):
-        self.id, self.entry = dataset_id, entry
-
-    @staticmethod
-    def list_datasets(dataset_project, tags, only_completed=True):
-        found = registry()["datasets"].items()
-        return [{"id": i} for i, d in found if d["project"] == dataset_project and d["tags"] == tags]
-
-    @staticmethod
-    def create(dataset_name, dataset_project, dataset_tags=None, parent_datasets=None):
-        dataset_id = f"dataset-{len(registry()['datasets'])}"
-        return Dataset(dataset_id, {"project": dataset_project, "tags": dataset_tags, "parents": parent_datasets})
-
-    def sync_folder(self, local_path):
-        shutil.copytree(local_path, server / self.id)
-        self.entry["path"] = str(server / self.id)
-
-    def upload(self, show_progress=True):
-        pass
-
-    def finalize(self):
-        data = registry()
-        data["datasets"][self.id] = self.entry
-        save(data)
-
-    @staticmethod
-    def get(dataset_id):
-        if dataset_id not in registry()["datasets"]:
-            raise ValueError(f"no dataset {dataset_id}")
-        return Dataset(dataset_id, registry()["datasets"][dataset_id])
-
-    def get_local_copy(self):
-        return local_copy(self.entry["path"])
-
-
-class OutputModel:
-    def __init__(self, task, name, config_dict, framework, label_enumeration):
-        self.id = f"model-{name.replace(' ', '-')}"
-        self.entry = {"task": task.id, "name": name, "labels": label_enumeration, "framework": framework}
-
-    def update_weights(self, weights_filename, auto_delete_file=False):
-        shutil.copyfile(weights_filename, server / f"{self.id}.pt")
-        data = registry()
-        data["models"][self.id] = {**self.entry, "path": str(server / f"{self.id}.pt")}
-        save(data)
-
-
-class InputModel:
-    def __init__(self, model_id):
-        if model_id not in registry()["models"]:
-            raise ValueError(f"no model {model_id}")
-        self.id = model_id
-
-    def connect(self, task, name=None, ignore_remote_overrides=False):
-        # On an agent, without it ClearML swaps in the input model a cloned task held before.
-        assert ignore_remote_overrides, "the model given must be the model loaded"
-        data = registry()
-        data["inputs"].setdefault(task.id, []).append(self.id)
-        save(data)
-
-    def get_local_copy(self, raise_on_error=False):
-        return local_copy(registry()["models"][self.id]["path"])
-
-
-class Artifact:
-    def __init__(self, path):
-        self.path = path
-
-    def get(self, deserialization_function=None):
-        if self.path.endswith(".pkl"):
-            return pickle.loads(Path(self.path).read_bytes())
-        return self.path
-
-    def get_local_copy(self, raise_on_error=False):
-        return local_copy(self.path)
-
-
-class StoredTask:
-    """A finished parent step, as the server returns it."""
-
-    def __init__(self, stored):
-        self.artifacts = {key: Artifact(path) for key, path in stored["artifacts"].items()}
-        self.parameters = stored["parameters"]
-        times = {key: datetime.datetime.fromisoformat(stored[key]) for key in ("started", "completed")}
-        self.data = types.SimpleNamespace(**times)  # when the agent ran it, as the server records
-
-    def get_parameters(self, cast=False):
-        return self.parameters
-
-
-clearml.Dataset, clearml.OutputModel, clearml.InputModel = Dataset, OutputModel, InputModel
-Task.get_task = classmethod(lambda cls, task_id=None, **_: StoredTask(registry()["tasks"][task_id]))
-
-# The agent's part: the step's parameters set on its task before the script runs.
-connect = Task.connect
-
-
-def connect_with_the_agents_values(self, mutable, name=None, *args, **kwargs):
-    if name == "kwargs":
-        mutable.update(spec["kwargs"])
-    return connect(self, mutable, name, *args, **kwargs)
-
-
-get_parameters = Task.get_parameters
-
-
-def get_parameters_with_inputs(self, *args, **kwargs):
-    inputs = {f"kwargs_artifacts/{key}": value for key, value in spec["kwargs_artifacts"].items()}
-    return {**(get_parameters(self, *args, **kwargs) or {}), **inputs}
-
-
-Task.connect, Task.get_parameters = connect_with_the_agents_values, get_parameters_with_inputs
-runpy.run_path(str(script), run_name="__main__")
-'''
-
-
-def git(*args: str, cwd: Path = REPO) -> str:
+def git(*args: str, cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def read_back(archive: Path) -> dict:
-    """A step's offline session: its task.json and its artifacts' files, by artifact name."""
-    session = read_session(archive)
-    files = {}
-    with zipfile.ZipFile(archive) as zf:
-        for entry in session["task"].get("execution", {}).get("artifacts", []):
-            stored = [n for n in zf.namelist() if f"/artifacts/{entry['key']}/" in n]
-            if stored:
-                files[entry["key"]] = zf.read(stored[0]), Path(stored[0]).name
-    returned = {k: v["value"] for k, v in session["task"].get("hyperparams", {}).get("return", {}).items()}
-    return {**session, "artifact_files": files, "returned": returned}
+def snapshot_of_the_working_tree(folder: Path) -> tuple[Path, str]:
+    """A fresh repository holding this working tree as one commit (uncommitted changes
+    included), whose ``origin`` is its own plain path, as a local checkout's can be."""
+    listed = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=REPO).split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, folder / name)
+    git("init", "-q", "-b", "main", cwd=folder)
+    git("add", "-A", cwd=folder)
+    git("-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "-m", "snapshot", cwd=folder)
+    git("remote", "add", "origin", str(folder), cwd=folder)
+    return folder, git("rev-parse", "HEAD", cwd=folder)
+
+
+def image_environment() -> dict[str, str]:
+    """The ``ENV`` of docker/Dockerfile, the image's python replaced by this one."""
+    text = (REPO / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    env = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(item.split("=", 1) for item in shlex.split(line[4:]))
+    return {key: value.replace("/opt/conda/bin/python", sys.executable) for key, value in env.items()}
+
+
+class Agent:
+    """``clearml-agent daemon --foreground`` on some queues, without Docker, with the image's
+    environment; its console in ``log``."""
+
+    def __init__(self, server: ClearMLStandIn, folder: Path, queues: list[str]):
+        self.log = folder / "agent.log"
+        env = server.client_environment(folder / "home", **image_environment())
+        command = [sys.executable, "-m", "clearml_agent", "daemon", "--queue", *queues, "--foreground"]
+        command.append("--create-queue")  # as a first agent on a fresh server is started
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
-def agent_run(tmp_path_factory) -> dict:
-    """Every step of the dry run, run as an agent runs it; returns what each left behind."""
-    root = tmp_path_factory.mktemp("agents")
-    server = root / "server"  # the fake server's registries: no step's folder
-    server.mkdir()
-    raw = make_layout(server / "raw-dataset", per_split=(8, 3, 3))
-    registry = {"datasets": {"raw-dataset": {"project": "uploads", "tags": [], "path": str(raw)}}}
-    (server / "registry.json").write_text(json.dumps({**registry, "models": {}, "inputs": {}, "tasks": {}}))
-
-    commit = git("rev-parse", "HEAD")
-    dry = root / "dry-run"
-    command = [sys.executable, "pipelines/run_pipeline.py", "--dry-run", str(dry), "--data", "raw-dataset"]
-    command += ["--preset", "smoke", "--epochs", "1", "--finetune-steps", "2", "--benchmark", "quick"]
-    command += ["--repo", REPO.as_uri(), "--commit", commit]
-    built = subprocess.run(command, cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=300)
-    assert built.returncode == 0, built.stderr[-3000:]
-    parameters = json.loads((dry / "pipeline.json").read_text())["parameters"]
-
-    (root / "bootstrap.py").write_text(BOOTSTRAP)
-    task_ids, runs = {}, {}
-    for name in DAG:
-        task = json.loads((dry / name / "task.json").read_text())
-        folder = root / name
-        clone = folder / "clone"
-        git("clone", "-q", task["script"]["repository"], str(clone), cwd=root)
-        git("checkout", "-q", task["script"]["version_num"], cwd=clone)
-        script = clone / task["script"]["entry_point"]
-        script.write_text(task["script"]["diff"])
-        # the controller resolves ${pipeline.X} and ${STEP.id} before it enqueues the step
-        kwargs, inputs = {}, {}
-        for key, value in task["pipeline"]["parameters"].items():
-            section, argument = key.split("/", 1)
-            for step, task_id in task_ids.items():
-                value = value.replace(f"${{{step}.id}}", task_id)
-            for parameter, parameter_value in parameters.items():
-                value = value.replace(f"${{pipeline.{parameter}}}", str(parameter_value))
-            (inputs if section == "kwargs_artifacts" else kwargs)[argument] = value
-        spec = {"script": str(script), "server": str(server), "scratch": str(folder / "downloads")}
-        (folder / "spec.json").write_text(json.dumps({**spec, "kwargs": kwargs, "kwargs_artifacts": inputs}))
-        env = child_environment(
-            CLEARML_OFFLINE_MODE="1",
-            CLEARML_CONFIG_FILE=str(clone / "components" / "clearml-offline.conf"),
-            CLEARML_CACHE_DIR=str(folder / "clearml-cache"),
-            HOME=str(folder / "home"),
-            HEADGEAR_DATA_STORE=str(folder / "store"),
-            MPLBACKEND="Agg",
-        )
-        env.pop("PYTHONPATH", None)
-        started = datetime.datetime.now(datetime.timezone.utc)
-        run = subprocess.run(
-            [sys.executable, str(root / "bootstrap.py"), str(folder / "spec.json")],
-            cwd=clone,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        sessions = sorted((folder / "clearml-cache" / "offline").glob("*.zip"))
-        runs[name] = {"run": run, "sessions": sessions, "script": task["script"]["entry_point"]}
-        if run.returncode != 0 or len(sessions) != 1:
-            break
-        stored = read_back(sessions[0])
-        runs[name]["stored"] = stored
-        task_ids[name] = stored["task"]["id"]
-        artifacts = {}
-        for key, (content, filename) in stored["artifact_files"].items():
-            path = server / "tasks" / task_ids[name] / key / filename
-            path.parent.mkdir(parents=True)
-            path.write_bytes(content)
-            artifacts[key] = str(path)
-        registry = json.loads((server / "registry.json").read_text())
-        params = {f"return/{k}": v for k, v in stored["returned"].items()}
-        times = {"started": started.isoformat(), "completed": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-        registry["tasks"][task_ids[name]] = {"artifacts": artifacts, "parameters": params, **times}
-        (server / "registry.json").write_text(json.dumps(registry))
-        shutil.rmtree(clone)  # the agent's container is gone; the next step runs elsewhere
-    return {"runs": runs, "registry": json.loads((server / "registry.json").read_text()), "task_ids": task_ids}
+def server(tmp_path_factory):
+    """The stand-in server with two agents: one for the steps (queues gpu and cpu), one for a
+    controller sent to the services queue."""
+    root = tmp_path_factory.mktemp("server-mode")
+    with ClearMLStandIn(root / "server") as server:
+        agents = [
+            Agent(server, root / name, queues)
+            for name, queues in (("steps", ["gpu", "cpu"]), ("services", ["services"]))
+        ]
+        server.agents = agents
+        server.root = root
+        server.repo, server.commit = snapshot_of_the_working_tree(root / "repo")
+        server.data = make_layout(root / "data", per_split=(8, 3, 3))
+        yield server
+        for agent in agents:
+            agent.stop()
+        state = {"tasks": server.api.tasks, "models": server.api.models, "calls": server.api.calls}
+        (root / "server-state.json").write_text(json.dumps(state, indent=1, default=str))  # to read after a failure
+    assert not server.api.unknown, f"the SDK called endpoints the stand-in lacks: {sorted(set(server.api.unknown))}"
+    assert not server.api.faults and not server.files.faults, server.api.faults + server.files.faults
 
 
-@pytest.mark.parametrize("name", list(DAG))
-def test_the_step_runs_from_a_fresh_clone_and_stores_its_return_values(agent_run, name):
-    step = agent_run["runs"].get(name)
-    assert step is not None, f"{name} did not run: an earlier step failed"
-    run = step["run"]
-    assert run.returncode == 0, f"{step['script']} failed:\n{run.stdout[-3000:]}\n{run.stderr[-4000:]}"
-    assert len(step["sessions"]) == 1, f"one task per step, the script's own: {step['sessions']}"
-    stored = step["stored"]
-    for returned in DAG[name].returns:  # stored while the step's task was still open
-        assert returned in stored["artifact_files"] or returned in stored["returned"], (
-            f"{name} returned {returned!r} but its task holds neither an artifact nor a parameter of that name"
-        )
-    if "result" in DAG[name].returns:  # what the summary step reads: the component's result dict itself
-        assert isinstance(pickle.loads(stored["artifact_files"]["result"][0]), dict)
+def launch(server: ClearMLStandIn, *args: str, timeout: float = 900, checkout: Path | None = None):
+    """``python pipelines/run_pipeline.py ARGS`` in a checkout (the snapshot), as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "pipelines/run_pipeline.py", *args],
+        cwd=checkout or server.repo,
+        env=server.client_environment(server.root / "user"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def test_steps_hand_on_ids_never_paths(agent_run):
-    registry, runs = agent_run["registry"], agent_run["runs"]
-    data = runs["fetch_data"]["stored"]["returned"]["data"]
-    model = runs["train"]["stored"]["returned"]["checkpoint"]
-    assert data in registry["datasets"] and not Path(data).exists()
-    assert model in registry["models"] and not Path(model).exists()
-    assert registry["datasets"][data]["parents"] == ["raw-dataset"]  # prepared from that Dataset
-    assert registry["models"][model]["labels"] == {label: i for i, label in enumerate(CLASSES)}
-    # evaluate and highres loaded the registered model and record it as their input
-    for name in ("evaluate", "highres"):
-        assert registry["inputs"][agent_run["task_ids"][name]] == [model]
-    highres_models = [m for m in registry["models"].values() if m["task"] == agent_run["task_ids"]["highres"]]
-    assert len(highres_models) == 1 and highres_models[0]["labels"] == registry["models"][model]["labels"]
+def smoke_args(server: ClearMLStandIn, data: str | Path, *args: str) -> list[str]:
+    return [
+        "--data", str(data), "--preset", "smoke", "--epochs", "1", "--finetune-steps", "2", "--benchmark", "quick",
+        "--queue", "gpu", "--cpu-queue", "cpu", "--output-uri", f"{server.files_host}/bucket", *args,
+    ]  # fmt: skip
 
 
-def test_the_results_and_the_report_are_kept_on_the_server(agent_run):
-    runs = agent_run["runs"]
-    evaluated = runs["evaluate"]["stored"]
-    assert len(scalars(evaluated, "results", "test accuracy @ training size")) == 1  # on the pipeline page
-    assert scalars(runs["highres"]["stored"], "results", "test accuracy @ high res, fine-tuned")
-    assert scalars(runs["benchmark_attention"]["stored"], "results", "best speed-up of fused over separate QKV")
-    assert any(key.startswith("plot ") for key in runs["train"]["stored"]["artifact_files"])
-    summary = runs["summary"]["stored"]["artifact_files"]
-    report = summary["report.html"][0].decode()
+def controllers(server: ClearMLStandIn) -> list[dict]:
+    return sorted((t for t in server.api.tasks.values() if t["type"] == "controller"), key=lambda t: t["created"])
+
+
+def steps_of(server: ClearMLStandIn, controller: dict) -> dict[str, dict]:
+    """The step tasks a controller launched, by step name (a cached step is the task reused)."""
+    tasks = server.api.tasks
+    launched = {t["name"]: t for t in tasks.values() if t.get("parent") == controller["id"]}
+    state = json.loads(controller["configuration"]["Pipeline"]["value"])
+    for name, node in state.items():
+        if name not in launched and node.get("executed"):
+            launched[name] = tasks[node["executed"]]
+    return launched
+
+
+def artifact(server: ClearMLStandIn, task: dict, key: str) -> dict:
+    return next(a for a in task["execution"]["artifacts"] if a["key"] == key)
+
+
+def returned(server: ClearMLStandIn, task: dict, key: str):
+    """What a step returned: a plain string as a parameter, anything else as a pickled artifact."""
+    import pickle
+
+    if key in task["hyperparams"].get("return", {}):
+        return task["hyperparams"]["return"][key]["value"]
+    return pickle.loads(download(server, artifact(server, task, key)["uri"]))
+
+
+def download(server: ClearMLStandIn, uri: str) -> bytes:
+    assert uri.startswith(server.files_host), f"{uri} is not on the file server"
+    with urllib.request.urlopen(uri) as response:
+        return response.read()
+
+
+def wait_until_finished(server: ClearMLStandIn, task_id: str, timeout: float = 900) -> dict:
+    deadline = time.monotonic() + timeout
+    while server.api.tasks[task_id]["status"] not in FINISHED:
+        assert time.monotonic() < deadline, f"task {task_id} did not finish within {timeout} s"
+        time.sleep(2)
+    return server.api.tasks[task_id]
+
+
+@pytest.fixture(scope="module")
+def first_run(server) -> dict:
+    """The pipeline launched from a checkout whose origin is a plain path, with a local data folder."""
+    run = launch(server, *smoke_args(server, server.data))
+    controller = controllers(server)[-1]
+    return {"run": run, "controller": controller, "steps": steps_of(server, controller)}
+
+
+def test_every_step_runs_on_an_agent_and_the_command_says_the_pipeline_completed(server, first_run):
+    run = first_run["run"]
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert first_run["controller"]["status"] == "completed"
+    assert {name: task["status"] for name, task in first_run["steps"].items()} == dict.fromkeys(STEPS, "completed")
+    for task in first_run["steps"].values():  # cloned by an agent from the origin, given as a plain path
+        assert task["script"]["repository"] == server.repo.as_uri()
+        assert task["script"]["version_num"] == server.commit
+    assert "pipeline completed" in run.stdout.strip().splitlines()[-1]
+
+
+def test_the_controller_records_its_repository_so_an_agent_can_run_it(server, first_run):
+    script = first_run["controller"]["script"]
+    assert (script["repository"], script["version_num"]) == (server.repo.as_uri(), server.commit)
+    assert script["entry_point"] == "pipelines/run_pipeline.py" and script["working_dir"] == "."
+
+
+def test_steps_hand_on_ids_and_models_travel_through_the_file_server(server, first_run):
+    steps = first_run["steps"]
+    dataset_id = returned(server, steps["fetch_data"], "data")
+    assert "dataset" in server.api.tasks[dataset_id]["system_tags"]
+    model_id = returned(server, steps["train"], "checkpoint")
+    model = server.api.models[model_id]
+    assert model["labels"] == {label: index for index, label in enumerate(CLASSES)}
+    assert model["uri"].startswith(f"{server.files_host}/bucket/") and download(server, model["uri"])[:2] == b"PK"
+    for name in ("evaluate", "highres"):  # loaded the trained model, recorded once as its input
+        assert [m["model"] for m in steps[name]["models"]["input"]] == [model_id]
+    highres_models = [m["model"] for m in steps["highres"]["models"]["output"]]
+    assert len(highres_models) == 1 and server.api.models[highres_models[0]]["uri"].startswith(server.files_host)
+
+
+def test_datasets_go_to_the_output_uri(server, first_run):
+    dataset_id = returned(server, first_run["steps"]["fetch_data"], "data")
+    for task_id in (dataset_id, *server.api.tasks[dataset_id]["runtime"].get("parents", [])):
+        uploaded = [
+            a["uri"] for a in server.api.tasks[task_id]["execution"]["artifacts"] if a["key"].startswith("data")
+        ]
+        assert uploaded and all(uri.startswith(f"{server.files_host}/bucket/") for uri in uploaded)
+
+
+def test_the_pipeline_page_shows_the_results_and_the_models(server, first_run):
+    controller = server.api.tasks[first_run["controller"]["id"]]
+    shown = controller["last_metrics"].get("results", {})
+    assert {"test accuracy @ training size", "test accuracy @ high res, fine-tuned"} <= set(shown)
+    assert "best speed-up of sdpa over separate QKV" in shown
+    trained = returned(server, first_run["steps"]["train"], "checkpoint")
+    models = {m["model"] for m in controller["models"]["output"]}
+    assert trained in models and len(models) == 2  # the trained model and the one kept at the high resolution
+
+
+def test_the_summary_keeps_its_report_and_summary_json_as_artifacts(server, first_run):
+    summary = first_run["steps"]["summary"]
+    report = download(server, artifact(server, summary, "report.html")["uri"]).decode()
     assert report.count("data:image/png;base64,") >= 5  # the other steps' plots, fetched from their tasks
-    assert json.loads(summary["summary.json"][0])["mode"] == "server"
-    assert all(f"{name} " in report.split("wall time", 1)[1] for name in ("fetch_data", "train", "highres"))
+    assert json.loads(download(server, artifact(server, summary, "summary.json")["uri"]))["mode"] == "server"
 
 
-def test_a_local_data_archive_becomes_a_dataset_before_the_pipeline_starts(monkeypatch, tmp_path):
-    # The agents cannot read this machine's disk: run_pipeline registers a local --data and hands
-    # the steps the Dataset id. No server here: clearml.Dataset is an in-memory registry.
-    from clearml import Dataset
-
-    from pipelines.run_pipeline import upload_local_data
-    from tests.conftest import zip_folder
-
-    registered = []
-
-    class Registered:
-        id = "dataset-uploaded"
-
-        def sync_folder(self, local_path):
-            self.files = sorted(p.relative_to(local_path).as_posix() for p in Path(local_path).rglob("*.jpg"))
-
-        def upload(self, show_progress=True):
-            pass
-
-        def finalize(self):
-            registered.append(self)
-
-    def create(dataset_name, dataset_project, dataset_tags, parent_datasets):
-        return Registered()
-
-    def list_datasets(dataset_project, tags, only_completed):
-        return [{"id": d.id} for d in registered]
-
-    monkeypatch.setattr(Dataset, "create", staticmethod(create))
-    monkeypatch.setattr(Dataset, "list_datasets", staticmethod(list_datasets))
-    archive = zip_folder(make_layout(tmp_path / "data", per_split=(4, 2, 2)), tmp_path / "headgear.zip")
-    assert upload_local_data(str(archive)) == upload_local_data(str(archive)) == "dataset-uploaded"
-    assert len(registered) == 1 and len(registered[0].files) == (4 + 2 + 2) * len(CLASSES)
+def test_the_launcher_says_where_agents_are_needed_and_warns_of_a_loopback_destination(server, first_run):
+    out = first_run["run"].stdout
+    assert re.search(r"clearml-agent daemon --queue gpu --docker \S+ --gpus all", out)
+    assert re.search(r"clearml-agent daemon --queue cpu --docker \S+\n", out)  # no GPU for the CPU queue
+    assert f"{server.files_host}/bucket" in out and "loopback" in out
 
 
-def test_a_model_without_weights_or_unknown_to_the_server_is_a_clear_error(monkeypatch):
-    # No server here: InputModel is replaced by what ClearML does for these cases (read from its source).
-    import clearml
-
-    from components import checkpoints, tracking
-
-    class NoWeights:  # registered without an uploaded file: get_local_copy returns None
-        def __init__(self, model_id):
-            pass
-
-        def get_local_copy(self, raise_on_error=False):
-            return None
-
-    class Unknown(NoWeights):  # an id the server does not know: its data stays None
-        def get_local_copy(self, raise_on_error=False):
-            raise AttributeError("'NoneType' object has no attribute 'system_tags'")
-
-    monkeypatch.setattr("components.tracking.server_configured", lambda: True)
-    for stand_in, reason in ((NoWeights, "it has no weights file"), (Unknown, "AttributeError")):
-        tracking.registered_model.cache_clear()
-        monkeypatch.setattr(clearml, "InputModel", stand_in)
-        with pytest.raises(TrackingError, match=f"no ClearML model m1 could be downloaded \\({reason}"):
-            checkpoints.local_copy("m1")
-    tracking.registered_model.cache_clear()
+def test_the_agents_install_nothing_in_the_image(server, first_run):
+    log = server.agents[0].log.read_text()
+    assert "Running task id" in log
+    assert not re.search(r"pip install|Collecting |Successfully installed|Creating virtual environment", log)
 
 
-def test_a_model_that_cannot_be_downloaded_is_a_clear_error(monkeypatch, tmp_path):
-    # With a server, a model id resolves through InputModel; one that fails is said so, not a None path.
-    import clearml
+@pytest.fixture(scope="module")
+def second_run(server, first_run) -> dict:
+    """The same data again, from the first run's model, with the controller run by an agent."""
+    model_id = returned(server, first_run["steps"]["train"], "checkpoint")
+    run = launch(server, *smoke_args(server, server.data, "--init", model_id, "--controller-queue", "services"))
+    controller = wait_until_finished(server, controllers(server)[-1]["id"])
+    return {"run": run, "controller": controller, "steps": steps_of(server, controller), "init": model_id}
 
-    from components import checkpoints
 
-    class Unreachable:
-        def __init__(self, model_id):
-            pass
+def test_a_controller_run_by_an_agent_keeps_its_queues_and_output_destination(server, second_run):
+    assert second_run["run"].returncode == 0, second_run["run"].stdout[-3000:] + second_run["run"].stderr[-3000:]
+    assert second_run["controller"]["status"] == "completed"
+    queue_names = {queue["id"]: queue["name"] for queue in server.api.queues.values()}
+    for name, task in second_run["steps"].items():
+        if name == "fetch_data":
+            continue  # cached, see below
+        assert queue_names[task["execution"]["queue"]] == ("cpu" if name == "summary" else "gpu")
+        assert task["output"]["destination"] == f"{server.files_host}/bucket"
 
-        def get_local_copy(self, raise_on_error=False):
-            assert raise_on_error, "get_local_copy returns None on failure unless raise_on_error=True"
-            raise ValueError("Could not retrieve a local copy of model weights")
 
-    monkeypatch.setattr("components.tracking.server_configured", lambda: True)
-    monkeypatch.setattr(clearml, "InputModel", Unreachable)
-    with pytest.raises(TrackingError, match="no ClearML model abc123 could be downloaded.*--output-uri"):
-        checkpoints.local_copy("abc123")
+def test_a_second_run_with_the_same_data_reuses_the_dataset_and_fetch_data(server, first_run, second_run):
+    assert second_run["steps"]["fetch_data"]["id"] == first_run["steps"]["fetch_data"]["id"]
+    datasets = [t for t in server.api.tasks.values() if "dataset" in t["system_tags"]]
+    assert len(datasets) == 1  # registered by the first run (what fetch_data prepares from it has the same content)
+
+
+def test_initial_weights_from_a_model_id_are_one_input_of_training(server, second_run):
+    assert [m["model"] for m in second_run["steps"]["train"]["models"]["input"]] == [second_run["init"]]
+
+
+def test_a_failing_step_fails_the_command_naming_the_step(server, first_run):
+    broken = server.root / "broken"
+    (broken / "train").mkdir(parents=True)
+    (broken / "train" / "notes.txt").write_text("no images here")
+    registered = subprocess.run(
+        [sys.executable, "-c", "from clearml import Dataset; d = Dataset.create(dataset_name='broken', "
+         "dataset_project='tests'); d.add_files(r'" + str(broken) + "'); d.upload(); d.finalize(); print(d.id)"],
+        env=server.client_environment(server.root / "user"), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert registered.returncode == 0, registered.stderr[-2000:]
+    run = launch(server, *smoke_args(server, registered.stdout.split()[-1]))
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "fetch_data" in run.stderr.strip().splitlines()[-1] and "failed" in run.stderr
+    assert controllers(server)[-1]["status"] == "failed"
+
+
+def test_inputs_the_agents_could_not_use_are_refused_before_anything_is_launched(server, first_run, tmp_path):
+    unpushed = tmp_path / "unpushed"
+    git("clone", "-q", str(server.repo), str(unpushed), cwd=tmp_path)
+    git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "--allow-empty", "-m", "x", cwd=unpushed)
+    cases = {  # what the error says: (flags, the checkout it is run from)
+        "nor a ClearML Dataset the server knows": (["--data", "0123456789abcdef0123456789abcdef"], server.repo),
+        "cannot be cloned": (["--repo", str(tmp_path / "nowhere")], server.repo),
+        "is not on": ([], unpushed),  # its HEAD, never pushed to its origin
+    }
+    tasks_before = len(server.api.tasks)
+    for expected, (args, checkout) in cases.items():
+        started = time.monotonic()
+        run = launch(server, *smoke_args(server, server.data), *args, timeout=120, checkout=checkout)
+        assert run.returncode == 2 and time.monotonic() - started < 60, (args, run.stdout[-2000:], run.stderr[-2000:])
+        assert run.stderr.startswith("run_pipeline: error: ") and len(run.stderr.strip().splitlines()) == 1
+        assert expected in run.stderr, run.stderr
+    assert len(server.api.tasks) == tasks_before
+
+
+def test_ctrl_c_stops_the_pipeline_and_its_running_steps(server, first_run):
+    env = server.client_environment(server.root / "user")
+    launcher = subprocess.Popen(
+        [sys.executable, "pipelines/run_pipeline.py", *smoke_args(server, server.data, "--epochs", "300")],
+        cwd=server.repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    controller = None
+    while time.monotonic() < deadline:
+        newest = controllers(server)[-1]
+        if newest["id"] != first_run["controller"]["id"] and newest["status"] == "in_progress":
+            train = [t for t in server.api.tasks.values() if t.get("parent") == newest["id"] and t["name"] == "train"]
+            if train and train[0]["status"] == "in_progress":
+                controller = newest
+                break
+        time.sleep(1)
+    assert controller is not None, "training never started"
+    os.killpg(launcher.pid, signal.SIGINT)
+    _, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode == 130, stderr[-2000:]
+    assert "runs/" not in stderr and "stopped" in stderr
+    for task in steps_of(server, server.api.tasks[controller["id"]]).values():
+        assert wait_until_finished(server, task["id"], timeout=60)["status"] in ("completed", "stopped")
 
 
 @pytest.mark.skipif(
     not all(
         os.environ.get(k) for k in ("CLEARML_API_HOST_FOR_TESTS", "CLEARML_API_ACCESS_KEY", "CLEARML_API_SECRET_KEY")
     ),
-    reason="needs a real ClearML server with an agent on the queue: set CLEARML_API_HOST_FOR_TESTS, "
+    reason="needs a real ClearML server with an agent on the gpu queue: set CLEARML_API_HOST_FOR_TESTS, "
     "CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY (tests force ClearML offline otherwise)",
 )
 def test_the_whole_pipeline_on_a_real_server(tmp_path):
-    env = child_environment(CLEARML_API_HOST=os.environ["CLEARML_API_HOST_FOR_TESTS"])
-    env.pop("CLEARML_OFFLINE_MODE", None)
-    env.pop("CLEARML_CONFIG_FILE", None)
+    env = {**os.environ, "CLEARML_API_HOST": os.environ["CLEARML_API_HOST_FOR_TESTS"], "PYTHONUNBUFFERED": "1"}
+    for key in ("CLEARML_OFFLINE_MODE", "CLEARML_CONFIG_FILE", "CLEARML_CACHE_DIR", "HEADGEAR_DATA_STORE"):
+        env.pop(key, None)
     data = make_layout(tmp_path / "data", per_split=(8, 3, 3))
     command = [sys.executable, "pipelines/run_pipeline.py", "--data", str(data), "--preset", "smoke"]
     command += ["--epochs", "1", "--finetune-steps", "2", "--benchmark", "quick"]
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1].startswith("pipeline completed: ")

@@ -4,13 +4,15 @@ never waited on for minutes."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from components.tracking import TrackingError, check_server, open_task, server_configured
-from tests.conftest import closed_port
+from tests.conftest import REPO, closed_port
 
 
 @pytest.fixture
@@ -102,3 +104,38 @@ def test_a_closed_task_drops_what_is_uploaded_after(tmp_path):
     step.upload_artifact("returned", artifact_object={"b": 2}, wait_on_upload=True)
     session = read_session(Path(get_offline_dir(task_id=step_id)).with_suffix(".zip"))
     assert not any("returned" in name for name in session["files"])
+
+
+MODEL_ERRORS = """
+import sys
+from clearml.backend_api.session.client import APIClient
+from components import checkpoints
+from components.tracking import TrackingError
+
+client = APIClient()
+no_weights = client.models.create(name="registered without weights", uri="").id
+lost = client.models.create(name="weights lost", uri=sys.argv[1] + "/nowhere/best.pt").id
+for model_id in ("0123456789abcdef0123456789abcdef", no_weights, lost):
+    try:
+        checkpoints.local_copy(model_id)
+    except TrackingError as error:
+        print("refused:", error)
+"""
+
+
+def test_a_model_unknown_to_the_server_without_weights_or_lost_is_a_clear_error(tmp_path):
+    # The real SDK against the server stand-in (tests/clearml_server.py), in a process of its
+    # own: this one runs ClearML offline.
+    from tests.clearml_server import ClearMLStandIn
+
+    with ClearMLStandIn(tmp_path / "server") as server:
+        run = subprocess.run(
+            [sys.executable, "-c", MODEL_ERRORS, server.files_host],
+            cwd=REPO, env=server.client_environment(tmp_path / "home"), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    errors = [line for line in run.stdout.splitlines() if line.startswith("refused: ")]
+    reasons = ("the server knows no model of that id", "it has no weights file", "failed downloading")
+    assert len(errors) == len(reasons), run.stdout + run.stderr[-2000:]
+    for error, reason in zip(errors, reasons):
+        assert "could be downloaded" in error and reason in error, error
