@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from components.train import train  # noqa: E402
+from components.train import train
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,40 +10,23 @@
 # speed's FLAGS go to train_throughput.py: "--models vit-ti16 --compile-modes reduce-overhead"
 # keeps to the rows that compare the training component with its model step (about 6 minutes);
 # breakdown's modes are default and reduce-overhead unless named.
-# DATA is the Fashion-MNIST stand-in archive; OUT receives the logs and JSON results.
-# DEADLINE (seconds since the epoch) cuts every step's time limit to what is left before it,
-# so that several parts run back to back end by a given time:
-#   export DEADLINE=$(( $(date +%s) + 540 )); for part in recipe speed; do
-#     OUT=/tmp/o/$part bash benchmarks/gpu_checks.sh $part; done
-# SMALL=1 runs the same commands with tiny settings (a dry run on a CPU).
-# A machine without clearml and albumentations installs them from wheels in .whl/ (for its Python):
-# clearml, albumentations, albucore, furl, orderedmultidict, pathlib2, pyjwt, jsonschema,
-# jsonschema-specifications, referencing, rpds-py, stringzilla, simsimd, pydantic,
-# pydantic-core, annotated-types, typing-inspection (pip download --no-deps --only-binary=:all:).
+# DATA is the archive to train on (the headgear zip, or the Fashion-MNIST stand-in); OUT
+# receives the logs and JSON results. SMALL=1 runs the same commands with tiny settings (a dry
+# run on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?attention, speed, breakdown, recipe, ablate or finetune}
-DATA=${DATA:-.device-data/fashion.zip}
+DATA=${DATA:?DATA=path/to/archive.zip: the archive to train on}
 OUT=${OUT:-runs/gpu-checks}
 mkdir -p "$OUT"
 export CLEARML_OFFLINE_MODE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15 HEADGEAR_DATA_STORE=/tmp/headgear-store
-if [ -d .whl ] && [ -z "${SMALL:-}" ] && [ ! -d /tmp/site ]; then  # packages the machine lacks, from wheels
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-fi
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
-
-limit() {  # limit SECONDS: SECONDS, or less where DEADLINE comes sooner
-  local left=$(( ${DEADLINE:-0} - $(date +%s) ))
-  if [ -z "${DEADLINE:-}" ] || [ "$left" -ge "$1" ]; then echo "$1"; else echo $(( left > 1 ? left : 1 )); fi
-}
 
 step() {  # step SECONDS LOG COMMAND...: COMMAND within its time limit, its output into the file LOG, then shown
   # A file, not a pipe: a process the command leaves behind (a compile worker, say) would hold
   # a pipe open and the script with it, past every time limit and without its results.
   local seconds=$1 log=$2 status
   shift 2
-  timeout -k 10 "$(limit "$seconds")" "$@" > "$log" 2>&1
+  timeout -k 10 "$seconds" "$@" > "$log" 2>&1
   status=$?
   tr '\r' '\n' < "$log" | grep -v "ClearML\|Repository Detection\|^train: \|^fine-tune: \|USDT\|^ERROR:\|fetch_version_info\|check_version"
   [ $status -eq 124 ] && echo "(stopped by its time limit)"

@@ -13,19 +13,17 @@ host (Python, synchronisations).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from components.augment import len_epoch  # noqa: E402
-from components.data import resolve  # noqa: E402
-from components.devices import pick_device  # noqa: E402
-from components.presets import preset  # noqa: E402
-from components.train import train  # noqa: E402
+from components.common import cli
+from components.common.augment import len_epoch
+from components.common.data import resolve
+from components.common.devices import pick_device
+from components.common.presets import preset
+from components.train import train
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="vit-ti16-224", help="training preset (default: vit-ti16-224)")
     parser.add_argument("--epochs", type=int, default=8, help="epochs, one validation at the end (default: 8)")
     parser.add_argument("--rows", type=int, default=20, help="operations listed (default: 20)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    cli.add_device_flag(parser)
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     cuda = device.type == "cuda"

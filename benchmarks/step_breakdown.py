@@ -27,19 +27,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
-from pathlib import Path
 
 import torch
+from train_throughput import round_robin_throughput  # beside this script
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.train_throughput import round_robin_throughput  # noqa: E402
-from components.augment import endless_batches, epoch_batches  # noqa: E402
-from components.data import decode_split, resolve  # noqa: E402
-from components.devices import mixed_precision, pick_device  # noqa: E402
-from components.presets import add_override_flags, overrides_from, preset  # noqa: E402
-from components.train import (  # noqa: E402
+from components.common import cli
+from components.common.augment import endless_batches, epoch_batches
+from components.common.data import resolve
+from components.common.devices import describe_device, mixed_precision, pick_device
+from components.common.images import decode_split
+from components.common.presets import add_override_flags, overrides_from, preset
+from components.common.training import (
     batch_inputs,
     build_model,
     build_optimizer,
@@ -54,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="the archive whose train split is augmented")
     parser.add_argument("--preset", default="vit-ti16-224", help="training preset (default: vit-ti16-224)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    cli.add_device_flag(parser)
     parser.add_argument("--steps", type=int, default=30, help="timed steps a round (default: 30)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the median counts (default: 3)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         "augmentation alone": lambda: batch_inputs(train_images, train_labels, next(cycle), config, n_classes),
         "drawing alone": lambda: next(drawn),
     }
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = describe_device(device)
     print(
         f"{args.preset} ({config.model}, batch {config.batch_size}, {config.image_size}x{config.image_size}, "
         f"RandAugment {config.rand_augment}, compile {compile_mode(config, device)}) on {name}, "

@@ -26,7 +26,6 @@ import argparse
 import itertools
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,15 +34,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from components.augment import augment, endless_batches, len_epoch  # noqa: E402
-from components.data import decode_split, resolve  # noqa: E402
-from components.devices import mixed_precision, pick_device  # noqa: E402
-from components.presets import preset as train_preset  # noqa: E402
-from components.train import train  # noqa: E402
-from model import MODEL_PRESETS, ViT  # noqa: E402
-from model.timm_convert import timm_vit  # noqa: E402
+from components.common import cli
+from components.common.augment import augment, endless_batches, len_epoch
+from components.common.data import resolve
+from components.common.devices import describe_device, mixed_precision, pick_device
+from components.common.images import decode_split
+from components.common.presets import preset as train_preset
+from components.train import train
+from model import MODEL_PRESETS, ViT
+from model.timm_convert import timm_vit
 
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 TIMM_NAMES = {"vit-ti16": "vit_tiny_patch16_224", "vit-s16": "vit_small_patch16_224"}
@@ -67,8 +66,7 @@ def forward_flops(config: dict, image_size: int) -> float:
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in describe_device(device)), None)
 
 
 def build(impl: str, preset: str, image_size: int, n_classes: int) -> torch.nn.Module:
@@ -176,10 +174,10 @@ def component_throughput(
     return result["images_per_second"]
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="archive for the training-component rows (none: skip them)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    cli.add_device_flag(parser)
     parser.add_argument("--models", default="vit-ti16,vit-s16", help="model presets (default: vit-ti16,vit-s16)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=224)
@@ -204,20 +202,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small", action="store_true", help="CPU setting: tiny model, 32x32, batch 8, 3 steps")
     parser.add_argument("--output-json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
-    device = pick_device(args.device)
     if args.small:
         args.models, args.batch_size, args.image_size, args.steps, args.warmup = "vit-tiny-test", 8, 32, 3, 1
         args.repeats = 2
         args.component_epochs, args.component_models, args.no_compile = 2, "vit-tiny-test", True
         args.augment_batches = 5
-    peak = peak_flops(device)
-    modes = ["eager"] + ([] if args.no_compile else args.compile_modes.split(","))
-    rows = []
+    return args
 
-    def add(scope: str, impl: str, preset: str | None, mode: str, images_per_second: float) -> None:
+
+class Table:
+    """The rows measured, each printed as it comes: images/s, and where a model's FLOPs are
+    known, TFLOP/s and the share of the device's peak (MFU)."""
+
+    def __init__(self, image_size: int, peak: float | None):
+        self.image_size, self.peak, self.rows = image_size, peak, []
+
+    def add(self, scope: str, impl: str, preset: str | None, mode: str, images_per_second: float) -> None:
         """One row; ``preset`` None for the augmentation, which has no FLOPs."""
-        flops = 3 * forward_flops(MODEL_PRESETS[preset], args.image_size) * images_per_second if preset else None
-        rows.append(
+        flops = 3 * forward_flops(MODEL_PRESETS[preset], self.image_size) * images_per_second if preset else None
+        mfu = flops / self.peak if flops and self.peak else None
+        self.rows.append(
             {
                 "scope": scope,
                 "impl": impl,
@@ -225,60 +229,56 @@ def main(argv: list[str] | None = None) -> None:
                 "mode": mode,
                 "images_per_second": images_per_second,
                 "tflops": flops and flops / 1e12,
-                "mfu": flops / peak if flops and peak else None,
+                "mfu": mfu,
             }
         )
         tflops = f"{flops / 1e12:8.2f} TFLOP/s" if flops else f"{'':>16}"
-        mfu = f"{flops / peak:.1%}" if flops and peak else "n/a"
-        print(
-            f"{scope:<18} {impl:<9} {preset or '':<13} {mode:<15} {images_per_second:10.1f} img/s {tflops}  MFU {mfu}",
-            flush=True,
-        )
+        shown = f"{mfu:.1%}" if mfu else "n/a"
+        line = f"{scope:<18} {impl:<9} {preset or '':<13} {mode:<15} {images_per_second:10.1f} img/s {tflops}"
+        print(f"{line}  MFU {shown}", flush=True)
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+def model_rows(table: Table, preset: str, modes: list[str], args: argparse.Namespace, device: torch.device) -> None:
+    """The model-step rows of one model preset: ours (sdpa; separate eager) and timm's, each mode."""
+    variants = [
+        (impl, mode)
+        for mode in modes
+        for impl in ["timm", "sdpa"] + (["separate"] if mode == "eager" else [])
+        if impl != "timm" or preset in TIMM_NAMES or args.small
+    ]
+    steps = {
+        (impl, mode): training_step(impl, preset, mode, args.batch_size, args.image_size, device)
+        for impl, mode in variants
+    }
+    speeds = round_robin_throughput(steps, args.batch_size, args.steps, args.warmup, args.repeats, device)
+    for (impl, mode), speed in speeds.items():
+        table.add("model step", impl, preset, mode, speed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    modes = ["eager"] + ([] if args.no_compile else args.compile_modes.split(","))
+    table = Table(args.image_size, peak_flops(device))
+    name = describe_device(device)
     print(
         f"device {name}, torch {torch.__version__}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
         f"bf16 autocast {device.type == 'cuda'}"
     )
     if args.data:
         speed = augmentation_throughput(args.data, args.image_size, args.batch_size, args.augment_batches, device)
-        add("augmentation", "augment", None, "eager", speed)
+        table.add("augmentation", "augment", None, "eager", speed)
     for preset in args.models.split(","):
-        variants = [
-            (impl, mode)
-            for mode in modes
-            for impl in ["timm", "sdpa"] + (["separate"] if mode == "eager" else [])
-            if impl != "timm" or preset in TIMM_NAMES or args.small
-        ]
-        speeds = round_robin_throughput(
-            {
-                (impl, mode): training_step(impl, preset, mode, args.batch_size, args.image_size, device)
-                for impl, mode in variants
-            },
-            args.batch_size,
-            args.steps,
-            args.warmup,
-            args.repeats,
-            device,
-        )
-        for (impl, mode), speed in speeds.items():
-            add("model step", impl, preset, mode, speed)
+        model_rows(table, preset, modes, args, device)
         if args.data and preset in args.component_models.split(","):
             for mode in modes:
                 with tempfile.TemporaryDirectory() as scratch:
-                    speed = component_throughput(
-                        args.data,
-                        preset,
-                        args.image_size,
-                        args.batch_size,
-                        args.component_epochs,
-                        mode,
-                        device,
-                        Path(scratch),
-                    )
-                add("training component", "sdpa", preset, mode, speed)
+                    settings = (args.image_size, args.batch_size, args.component_epochs, mode, device, Path(scratch))
+                    speed = component_throughput(args.data, preset, *settings)
+                table.add("training component", "sdpa", preset, mode, speed)
     if args.output_json:
-        args.output_json.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=2))
+        result = {"device": name, "torch": torch.__version__, "rows": table.rows}
+        args.output_json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from components import cli
-from components.atomic import atomic_path, write_json
-from components.devices import pick_device
-from components.plots import grouped_bars_figure
-from components.tracking import open_task
+from components.common import cli
+from components.common.atomic import atomic_path, write_json
+from components.common.devices import describe_device, pick_device
+from components.common.plots import grouped_bars_figure
+from components.common.tracking import open_task
 from model import ATTENTION_IMPLEMENTATIONS, MODEL_PRESETS, MultiHeadSelfAttention, ViT
 from model.timm_convert import state_dict_to_timm, timm_vit
 
@@ -204,7 +204,7 @@ def benchmark_attention(output_json: Path, device: str = "auto", quick: bool = F
         tracker.figure("speed-up vs separate (forward+backward)", figure)
         result = {
             "rows": rows,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "device_name": describe_device(device),
             "torch": torch.__version__,
             "plots": [
                 {
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--output-json", type=cli.output_file, required=True, help="where the rows go (a .csv is written beside)"
     )
-    parser.add_argument("--device", type=cli.device_name, default="auto", help="auto | cpu | cuda (default: auto)")
+    cli.add_device_flag(parser)
     parser.add_argument("--quick", action="store_true", help="the tiny preset's width, batch 2: a quick check")
     args = parser.parse_args(argv)
     cli.run(parser, benchmark_attention, args.output_json, args.device, args.quick)

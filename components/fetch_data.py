@@ -12,11 +12,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from components import cli
-from components.atomic import write_json
-from components.data import DataError, check_source, resolve
-from components.plots import class_counts_figure
-from components.tracking import open_task, register_dataset
+from components.common import cli
+from components.common.atomic import write_json
+from components.common.data import KAGGLE, check_source, resolve
+from components.common.errors import DataError
+from components.common.plots import class_counts_figure
+from components.common.tracking import open_task, register_dataset
 
 KAGGLE_DATASET = "gpiosenka/headgear-image-classification"
 
@@ -60,13 +61,14 @@ def download_from_kaggle(target: Path) -> Path:
 
 
 def fetch_data(source: str, output: Path, strict: bool = False) -> dict:
-    """Fetches, validates and versions the data. Returns ``{"source", "version", "path",
-    "dataset_id" (None offline), "classes", "counts", "skipped", "clearml"}``."""
+    """Fetches, validates and versions the data. Returns ``{"source", "version", "path", "data"
+    (what the next steps read: with a server the ClearML Dataset's id, else ``path``),
+    "classes", "counts", "skipped", "clearml"}``."""
     output = Path(output)
     with open_task("fetch_data", "data_processing", output) as tracker:
         params = tracker.connect({"source": source, "strict": strict})
         with tempfile.TemporaryDirectory(prefix="kaggle-") as download:
-            local = str(download_from_kaggle(Path(download))) if params["source"] == "kaggle" else params["source"]
+            local = str(download_from_kaggle(Path(download))) if params["source"] == KAGGLE else params["source"]
             data = resolve(local, output, strict=params["strict"])
         manifest = data.manifest
         for bad in manifest["skipped"]:
@@ -76,13 +78,12 @@ def fetch_data(source: str, output: Path, strict: bool = False) -> dict:
         tracker.table("class counts", pd.DataFrame(manifest["per_class"]).rename_axis("class").reset_index())
         tracker.figure("class counts", class_counts_figure(manifest["per_class"]))
         tracker.artifact("manifest", manifest)
-        from_dataset = params["source"] if params["source"] != "kaggle" and not Path(local).exists() else None
-        dataset_id = None if tracker.offline else register_dataset(data, parent=from_dataset)
+        from_dataset = params["source"] if params["source"] != KAGGLE and not Path(local).exists() else None
         result = {
             "source": source,
             "version": data.version,
             "path": str(data.root),
-            "dataset_id": dataset_id,
+            "data": str(data.root) if tracker.offline else register_dataset(data, parent=from_dataset),
             "classes": data.classes,
             "counts": manifest["counts"],
             "skipped": manifest["skipped"],
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli.Parser("fetch_data", __doc__)
     parser.add_argument(
         "--source",
-        default="kaggle",
+        default=KAGGLE,
         help="'kaggle' (needs Kaggle credentials), a local .zip or folder in the headgear layout, or (with a "
         "ClearML server) a ClearML Dataset id (default: kaggle)",
     )

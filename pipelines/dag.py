@@ -13,8 +13,8 @@ resolves itself.
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from components.presets import PRESETS
-from model import ATTENTION_IMPLEMENTATIONS, MODEL_PRESETS
+from components.common.presets import HIGHRES_SIZE, PRESETS, architecture
+from model import ATTENTION_IMPLEMENTATIONS
 from pipelines import page, steps
 
 
@@ -113,5 +113,5 @@ PARAMETER_HELP = {
 def default_highres_size(preset: str) -> int:
     """384 for a preset at 224; for others, the same 384/224 ratio rounded to the patch size."""
     config = PRESETS[preset]
-    patch = config.patch_size or MODEL_PRESETS[config.model]["patch_size"]
-    return max(1, round(config.image_size * 384 / 224 / patch)) * patch
+    patch = architecture(config)["patch_size"]
+    return max(1, round(config.image_size * HIGHRES_SIZE / 224 / patch)) * patch

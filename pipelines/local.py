@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from components.tracking import child_environment
+from components.common.tracking import child_environment
 from pipelines.dag import DAG, Step
 from pipelines.terminal_log import TerminalLog
 

@@ -25,89 +25,22 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script: make `components`, `model`, `pipelines` importable
-
-from components import cli, tracking  # noqa: E402
-from components.data import check_source, resolve  # noqa: E402
-from components.presets import PRESETS, ConfigError  # noqa: E402
-from pipelines import server  # noqa: E402
-from pipelines.dag import PARAMETER_HELP, default_highres_size  # noqa: E402
-from pipelines.local import run_local  # noqa: E402
+from components.common import cli, tracking
+from components.common.data import KAGGLE, check_source, resolve
+from components.common.errors import INPUT_ERRORS, ConfigError
+from components.common.presets import HIGHRES_SIZE, PRESETS, FinetuneConfig
+from pipelines import server
+from pipelines.dag import PARAMETER_HELP, default_highres_size
+from pipelines.local import run_local
+from pipelines.server import SERVER_PARAMETER_HELP
 
 # --- command line -------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli.Parser("run_pipeline", __doc__)
-    parser.add_argument("--data", default="kaggle", help=f"{PARAMETER_HELP['data']} (default: kaggle)")
-    parser.add_argument(
-        "--preset", default="vit-ti16-224", choices=list(PRESETS), help="training preset (default: vit-ti16-224)"
-    )
-    parser.add_argument(
-        "--output",
-        type=cli.output_folder,
-        default=None,
-        help="run folder of the local mode (default: runs/<date-time>)",
-    )
-    parser.add_argument(
-        "--local", action="store_true", help="run here with ClearML offline, even if a server is configured"
-    )
-    parser.add_argument("--queue", default="gpu", help="agent queue of the GPU steps in server mode (default: gpu)")
-    parser.add_argument(
-        "--cpu-queue",
-        default=None,
-        help="agent queue of fetch_data and summary, which need no GPU (default: the same as --queue)",
-    )
-    parser.add_argument(
-        "--step-queue",
-        action="append",
-        default=[],
-        metavar="STEP=QUEUE",
-        help="another queue for one step, e.g. benchmark_attention=gpu-h100 (repeatable)",
-    )
-    parser.add_argument(
-        "--docker-image",
-        default=server.DEFAULT_IMAGE,
-        help=f"image the agents run the steps in (default: {server.DEFAULT_IMAGE})",
-    )
-    parser.add_argument("--controller-queue", default=None, help="run the controller on this queue instead of here")
-    parser.add_argument(
-        "--output-uri",
-        default=None,
-        help="where the steps upload models, artifacts and Datasets, e.g. s3://bucket/headgear "
-        "(default: the server's file server)",
-    )
-    parser.add_argument(
-        "--dry-run",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="build the server-mode pipeline with ClearML offline and write what each step will run into "
-        "DIR/<step>/ (task.json and the generated script), without contacting a server",
-    )
-    parser.add_argument("--repo", default=None, help="git URL the agents clone (default: this checkout's origin)")
-    parser.add_argument("--commit", default=None, help="commit the agents run (default: this checkout's HEAD)")
-    parser.add_argument("--epochs", type=cli.nonnegative_int, default=0, help=PARAMETER_HELP["epochs"])
-    parser.add_argument(
-        "--seed", type=cli.nonnegative_int, default=0, help="random seed of the training run (default: 0)"
-    )
-    parser.add_argument("--init", default="", metavar="SOURCE", help=PARAMETER_HELP["init"])
-    parser.add_argument(
-        "--highres-size",
-        type=cli.positive_int,
-        default=None,
-        help="size of the high-resolution evaluation (default: 384 for 224 presets, the same ratio for others)",
-    )
-    parser.add_argument(
-        "--finetune-steps",
-        type=cli.nonnegative_int,
-        default=300,
-        help=f"{PARAMETER_HELP['finetune_steps']} (default: 300)",
-    )
-    parser.add_argument(
-        "--benchmark", default="auto", choices=["auto", "quick", "full"], help=PARAMETER_HELP["benchmark"]
-    )
+    add_run_flags(parser.add_argument_group("what the pipeline computes"))
+    add_placement_flags(parser.add_argument_group("where it runs"))
     args = parser.parse_args(argv)
     try:
         args.step_queue = dict(item.split("=", 1) for item in args.step_queue)
@@ -116,12 +49,82 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def add_run_flags(group) -> None:
+    group.add_argument("--data", default=KAGGLE, help=f"{PARAMETER_HELP['data']} (default: {KAGGLE})")
+    group.add_argument(
+        "--preset", default="vit-ti16-224", choices=list(PRESETS), help="training preset (default: vit-ti16-224)"
+    )
+    group.add_argument("--epochs", type=cli.nonnegative_int, default=0, help=PARAMETER_HELP["epochs"])
+    group.add_argument("--seed", type=cli.nonnegative_int, default=0, help=f"{PARAMETER_HELP['seed']} (default: 0)")
+    group.add_argument("--init", default="", metavar="SOURCE", help=PARAMETER_HELP["init"])
+    group.add_argument(
+        "--highres-size",
+        type=cli.positive_int,
+        default=None,
+        help=f"size of the high-resolution evaluation (default: {HIGHRES_SIZE} for 224 presets, the same ratio for "
+        f"others)",
+    )
+    group.add_argument(
+        "--finetune-steps",
+        type=cli.nonnegative_int,
+        default=FinetuneConfig.steps,
+        help=f"{PARAMETER_HELP['finetune_steps']} (default: {FinetuneConfig.steps})",
+    )
+    group.add_argument(
+        "--benchmark", default="auto", choices=["auto", "quick", "full"], help=PARAMETER_HELP["benchmark"]
+    )
+
+
+def add_placement_flags(group) -> None:
+    group.add_argument(
+        "--local", action="store_true", help="run here with ClearML offline, even if a server is configured"
+    )
+    group.add_argument(
+        "--output",
+        type=cli.output_folder,
+        default=None,
+        help="run folder of the local mode (default: runs/<date-time>)",
+    )
+    group.add_argument("--queue", default="gpu", help="agent queue of the GPU steps in server mode (default: gpu)")
+    group.add_argument(
+        "--cpu-queue",
+        default=None,
+        help="agent queue of fetch_data and summary, which need no GPU (default: the same as --queue)",
+    )
+    group.add_argument(
+        "--step-queue",
+        action="append",
+        default=[],
+        metavar="STEP=QUEUE",
+        help="another queue for one step, e.g. benchmark_attention=gpu-h100 (repeatable)",
+    )
+    group.add_argument("--controller-queue", default=None, help="run the controller on this queue instead of here")
+    group.add_argument(
+        "--docker-image",
+        default=server.DEFAULT_IMAGE,
+        help=f"image the agents run the steps in (default: {server.DEFAULT_IMAGE})",
+    )
+    group.add_argument("--output-uri", default=None, help=SERVER_PARAMETER_HELP["output_uri"] + " (default: empty)")
+    group.add_argument(
+        "--repo", default=None, help="git URL the agents clone, a local path as file:// (default: origin)"
+    )
+    group.add_argument("--commit", default=None, help="commit the agents run (default: this checkout's HEAD)")
+    group.add_argument(
+        "--dry-run",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="build the server-mode pipeline with ClearML offline and write what each step will run into "
+        "DIR/<step>/ (task.json and the generated script), without contacting a server",
+    )
+
+
 def check_inputs(params: dict, mode: str) -> None:
     """Refuses, in seconds and before the first step, a data source or an initial-weights source
     the steps could not use."""
     if mode == "local" or Path(params["data"]).exists():  # in server mode anything else names a ClearML Dataset
         check_source(params["data"], allow_kaggle=True)
-    elif params["data"] != "kaggle":
+    elif params["data"] != KAGGLE:
         tracking.check_dataset(params["data"])
     init = params["init"]
     if init and not init.startswith("timm:"):
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             return launch_on_server(args, params)
         check_inputs(params, mode)
         return run_local(params, output)
-    except cli.INPUT_ERRORS as error:
+    except INPUT_ERRORS as error:
         print(f"run_pipeline: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

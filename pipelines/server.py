@@ -9,16 +9,15 @@ from the controller task there.
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from components import tracking
-from components.presets import ConfigError
+from components.common import tracking
+from components.common.errors import ConfigError, first_line
+from pipelines.checkout import REPO, git, has_uncommitted_changes, head
 from pipelines.dag import DAG, PARAMETER_HELP
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGE = "headgear-vit:latest"
 SERVER_PARAMETER_HELP = {
     "output_uri": "where the steps upload models, artifacts and Datasets (empty: the server's file server)",
@@ -27,14 +26,6 @@ SERVER_PARAMETER_HELP = {
 
 
 # --- what the agents clone ------------------------------------------------------------------------
-
-
-def _git(*args: str, cwd: Path = REPO, timeout: float = 30) -> tuple[int, str]:
-    try:
-        run = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return 1, f"git {args[0]} did not answer within {timeout:g} s"
-    return run.returncode, (run.stdout if run.returncode == 0 else run.stderr).strip()
 
 
 def as_clone_url(repo: str, relative_to: Path) -> str:
@@ -50,7 +41,7 @@ def agent_source(repo: str | None, commit: str | None, check: bool = True) -> tu
     this checkout's ``origin`` and ``HEAD``. With ``check``, refuses (in seconds) a repository
     that cannot be cloned and a commit that is not on it (not pushed)."""
     if repo is None:
-        code, origin = _git("remote", "get-url", "origin")
+        code, origin = git("remote", "get-url", "origin")
         if code:
             raise ConfigError(
                 "server mode runs the steps from a git repository the agents can clone: push this checkout to a "
@@ -60,8 +51,10 @@ def agent_source(repo: str | None, commit: str | None, check: bool = True) -> tu
     else:
         repo = as_clone_url(repo, Path.cwd())
     if commit is None:
-        commit = _git("rev-parse", "HEAD")[1]
-        if _git("status", "--porcelain", "--untracked-files=no")[1]:
+        commit = head()
+        if commit is None:
+            raise ConfigError(f"{REPO} is not a git checkout: pass --repo URL --commit SHA of what the agents run")
+        if has_uncommitted_changes():
             print(f"note: uncommitted changes are not run by the agents; they run commit {commit[:10]}")
     if check:
         _check_pushed(repo, commit)
@@ -69,19 +62,21 @@ def agent_source(repo: str | None, commit: str | None, check: bool = True) -> tu
 
 
 def _check_pushed(repo: str, commit: str) -> None:
-    code, listing = _git("ls-remote", repo)
+    code, listing = git("ls-remote", repo)
     if code:
-        first_line = (listing.splitlines() or ["no answer"])[0]
-        raise ConfigError(f"--repo {repo} cannot be cloned ({first_line}); pass a repository URL the agents can reach")
-    code, full = _git("rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
+        raise ConfigError(
+            f"--repo {repo} cannot be cloned ({first_line(listing or 'no answer')}); pass a repository URL the agents "
+            f"can reach"
+        )
+    code, full = git("rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
     heads = {line.split()[0] for line in listing.splitlines() if line.strip()}
     if (full if code == 0 else commit) in heads:
         return
     if code:
         print(f"note: commit {commit} is not in this checkout, so whether {repo} has it is not checked")
         return
-    known = [head for head in heads if _git("cat-file", "-e", f"{head}^{{commit}}")[0] == 0]
-    if any(_git("merge-base", "--is-ancestor", full, head)[0] == 0 for head in known):
+    known = [head for head in heads if git("cat-file", "-e", f"{head}^{{commit}}")[0] == 0]
+    if any(git("merge-base", "--is-ancestor", full, head)[0] == 0 for head in known):
         return
     if len(known) == len(heads):
         raise ConfigError(

@@ -27,31 +27,31 @@ import torch
 def fetch_data_step(source: str, *, output: str = "outputs"):
     from pathlib import Path
 
+    from components.common.tracking import upload_plots
     from components.fetch_data import fetch_data
-    from components.tracking import upload_plots
 
     result = upload_plots(fetch_data(source, Path(output) / "fetch_data"))
-    return result["dataset_id"] or result["path"], result
+    return result["data"], result
 
 
 def train_step(data: str, preset: str, epochs: int, seed: int, init: str, *, output: str = "outputs"):
     from pathlib import Path
 
-    from components.tracking import upload_plots
+    from components.common.tracking import upload_plots
     from components.train import train
 
     overrides = {"epochs": int(epochs)} if int(epochs) > 0 else {}  # 0: the preset's
     if init:  # empty: the preset's (from scratch, or the finetune preset's timm weights)
         overrides["init"] = init
     result = upload_plots(train(data, preset, Path(output) / "train", seed=int(seed), **overrides))
-    return result["model_id"] or result["checkpoint"], result
+    return result["model"], result
 
 
 def evaluate_step(checkpoint: str, data: str, *, output: str = "outputs"):
     from pathlib import Path
 
+    from components.common.tracking import report_results, upload_plots
     from components.evaluate import evaluate
-    from components.tracking import report_results, upload_plots
     from pipelines.page import RESULTS, TEST_ACCURACY
 
     result = upload_plots(evaluate(checkpoint, data, Path(output) / "evaluate" / "evaluate.json"))
@@ -62,12 +62,14 @@ def evaluate_step(checkpoint: str, data: str, *, output: str = "outputs"):
 def highres_step(checkpoint: str, data: str, image_size: int, finetune_steps: int, *, output: str = "outputs"):
     from pathlib import Path
 
+    from components.common.presets import FinetuneConfig
+    from components.common.tracking import report_results, upload_plots
     from components.highres import highres
-    from components.tracking import report_results, upload_plots
     from pipelines.page import HIGHRES_ACCURACY, RESULTS
 
     output_json = Path(output) / "highres" / "highres.json"
-    result = upload_plots(highres(checkpoint, data, output_json, int(image_size), int(finetune_steps)))
+    tuning = FinetuneConfig(steps=int(finetune_steps))
+    result = upload_plots(highres(checkpoint, data, output_json, int(image_size), tuning))
     report_results(RESULTS, {series: result[key] for key, series in HIGHRES_ACCURACY.items()})
     return result
 
@@ -76,7 +78,7 @@ def benchmark_step(sweep: str, *, output: str = "outputs"):
     from pathlib import Path
 
     from components.benchmark_attention import benchmark_attention
-    from components.tracking import report_results, upload_plots
+    from components.common.tracking import report_results, upload_plots
     from pipelines.page import RESULTS, speedup_series
 
     quick = sweep == "quick" or (sweep == "auto" and not torch.cuda.is_available())
@@ -105,7 +107,7 @@ def summary_step(
 ):
     from pathlib import Path
 
-    from components.tracking import download_plots, task_seconds
+    from components.common.tracking import download_plots, task_seconds
     from pipelines.summary import write_summary
 
     steps = {
@@ -126,7 +128,7 @@ def main() -> None:
     import sys
     from pathlib import Path
 
-    from components.atomic import write_json
+    from components.common.atomic import write_json
 
     name, kwargs_path, result_path = sys.argv[1:4]
     step = globals()[name]

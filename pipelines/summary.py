@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 import platform
-import subprocess
 from pathlib import Path
 
 import pandas as pd
 
-from components.atomic import atomic_path, write_json
-from components.highres import VARIANTS, summary_part
-from components.tracking import open_task
+from components.common.atomic import atomic_path, write_json
+from components.common.tracking import open_task
+from pipelines import checkout
 
 
 def build_summary(mode: str, preset: str, steps: dict[str, dict]) -> dict:
@@ -28,19 +26,30 @@ def build_summary(mode: str, preset: str, steps: dict[str, dict]) -> dict:
             "image_size": trained["image_size"],
             "train_loss": trained["train_loss"],
             "val_accuracy": trained["val_accuracy"],
-            "checkpoint": trained["model_id"] or trained["checkpoint"],
+            "checkpoint": trained["model"],
         },
         "evaluate": {key: evaluated[key] for key in ("image_size", "test_accuracy", "test_loss")},
-        "highres": summary_part(highres),
+        "highres": highres_part(highres),
         "benchmark": {"rows": steps["benchmark_attention"]["rows"]},
         "clearml": {name: result["clearml"] for name, result in steps.items()},
     }
 
 
-def results_table(summary: dict) -> pd.DataFrame:
+def highres_part(highres: dict) -> dict:
+    """What the summary keeps of highres' result: the new size, each variant's test accuracy
+    and the number each variant chose on the validation split."""
+    variants = highres["variants"]
+    return {
+        "image_size": highres["image_size"],
+        **{f"test_accuracy_{variant['name']}": variant["test_accuracy"] for variant in variants},
+        **{variant["chose"]: highres[variant["chose"]] for variant in variants if variant["chose"]},
+    }
+
+
+def results_table(summary: dict, highres: dict) -> pd.DataFrame:
     """Accuracy at the training size and at the high resolution, and the attention speed-ups,
     one row each, with what the row means."""
-    evaluated, highres = summary["evaluate"], summary["highres"]
+    evaluated = summary["evaluate"]
     native, size, n_test = evaluated["image_size"], highres["image_size"], summary["dataset"]["counts"]["test"]
     accuracies = [
         (
@@ -49,12 +58,8 @@ def results_table(summary: dict) -> pd.DataFrame:
             f"share of the {n_test} test images classified correctly at the training size",
         ),
         *(
-            (
-                f"test accuracy @ {size}, {variant.label(highres)}",
-                variant.accuracy(highres),
-                variant.meaning.format(size=size),
-            )
-            for variant in VARIANTS.values()
+            (f"test accuracy @ {size}, {variant['label']}", variant["test_accuracy"], variant["meaning"])
+            for variant in highres["variants"]
         ),
     ]
     rows = [(name, "-" if value is None else f"{value:.2%}", meaning) for name, value, meaning in accuracies]
@@ -88,8 +93,8 @@ def run_facts(summary: dict, steps: dict[str, dict], step_seconds: dict[str, flo
         ("data", f"{dataset['source']}, version {dataset['version']}: {len(dataset['classes'])} classes, {counts}"),
         ("preset", f"{summary['train']['preset']}: {settings}; {', '.join(augmentation) or 'no mixing or erasing'}"),
         ("seed", str(config["seed"])),
-        ("commit", commit()),
-        ("machine", f"{platform.platform()}, {os.cpu_count()} CPU cores; trained on {trained['device']}"),
+        ("commit", checkout.described()),
+        ("machine", f"{platform.platform()}; trained on {trained['device']}"),
         (
             "versions",
             f"python {platform.python_version()}, "
@@ -102,17 +107,6 @@ def run_facts(summary: dict, steps: dict[str, dict], step_seconds: dict[str, flo
 
 
 AUGMENTATIONS = ("rand_augment", "random_erasing", "mixup_alpha", "cutmix_alpha", "ema_decay")
-
-
-def commit() -> str:
-    """The checkout's commit, marked when it has uncommitted changes; 'unknown' outside git."""
-    git = ["git", "-C", str(Path(__file__).resolve().parents[1])]
-    try:
-        head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return head.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
 
 
 REPORT_STYLE = """body{font-family:sans-serif;max-width:1000px;margin:1.5em auto;padding:0 1.5em;line-height:1.4}
@@ -173,7 +167,7 @@ def write_summary(
     output = Path(output)
     with open_task("summary", "custom", output / "summary") as tracker:
         summary = build_summary(mode, preset, steps)
-        table = results_table(summary)
+        table = results_table(summary, steps["highres"])
         tracker.table("results", table)
         tracker.artifact("summary", summary)
     summary["clearml"]["summary"] = tracker.session

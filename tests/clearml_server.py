@@ -657,7 +657,7 @@ class ClearMLStandIn:
         """The environment of a process that uses this server, as a user's shell (or an agent's
         machine) holds it: the server's addresses and (any) keys, its own HOME, none of the test
         suite's offline settings, nothing ClearML sets for its own sub-processes."""
-        from components.tracking import child_environment
+        from components.common.tracking import child_environment
 
         home.mkdir(parents=True, exist_ok=True)
         env = child_environment(

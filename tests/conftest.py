@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 _SCRATCH = Path(tempfile.mkdtemp(prefix="headgear-tests-"))
 # Before anything imports clearml: tests never reach a server, even where one is configured.
 os.environ["CLEARML_OFFLINE_MODE"] = "1"
-os.environ["CLEARML_CONFIG_FILE"] = str(REPO / "components" / "clearml-offline.conf")
+os.environ["CLEARML_CONFIG_FILE"] = str(REPO / "components" / "common" / "clearml-offline.conf")
 os.environ["CLEARML_CACHE_DIR"] = str(_SCRATCH / "clearml-cache")
 os.environ["HEADGEAR_DATA_STORE"] = str(_SCRATCH / "store")
 for secret in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "CLEARML_API_HOST"):

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from components import checkpoints
-from components.attention_maps import attention_figure, attention_sample
+from components.common import checkpoints
+from components.common.attention_maps import attention_figure, attention_sample
 from components.evaluate import evaluate
 from model import ATTENTION_IMPLEMENTATIONS, ViT, model_config
 from model.attention_maps import attention_maps, attention_rollout, attention_weights
@@ -151,7 +151,7 @@ def test_the_figure_shows_each_view_of_each_image_titled_with_true_and_predicted
 def test_evaluate_saves_and_lists_the_attention_maps(tmp_path):
     model = random_model()
     path = tmp_path / "model.pt"
-    checkpoints.save_atomic({"model": model.state_dict(), "config": model.config, "classes": CLASSES}, path)
+    checkpoints.save_atomic(checkpoints.payload(model.state_dict(), model.config, CLASSES), path)
     folder = make_layout(tmp_path / "data", per_split=(2, 2, 4))
     result = evaluate(path, str(folder), tmp_path / "eval" / "evaluate.json", device="cpu")
     maps = tmp_path / "eval" / "evaluate.attention_maps.png"

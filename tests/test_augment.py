@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from components.augment import (
+from components.common.augment import (
     ENHANCE_STRENGTH,
     PIXEL_OP_FUNCTIONS,
     PIXEL_OPS,
@@ -31,8 +31,8 @@ from components.augment import (
     sampling_grid,
     warp,
 )
-from components.data import to_input
-from components.presets import preset
+from components.common.images import to_input
+from components.common.presets import preset
 
 IMAGES = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8))
 

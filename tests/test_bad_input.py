@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from components import cli
-from components.data import prepare
-from components.tracking import child_environment
+from components.common import cli
+from components.common.data import prepare
+from components.common.tracking import child_environment
 from tests.conftest import REPO, closed_port, make_layout, zip_folder
 
 # Lines that are not the component's: torch's own start-up warnings and tqdm's progress bars.

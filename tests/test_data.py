@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.data import DataError, check_source, decode_split, prepare, resolve, safe_extract
+from components.common.archive import safe_extract
+from components.common.data import check_source, prepare, resolve
+from components.common.errors import DataError
+from components.common.images import decode_split
 from tests.conftest import CLASSES, SHAPE_CLASSES, SHAPES_PER_SPLIT, make_layout, write_image, zip_folder
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from components import checkpoints
+from components.common import checkpoints
 from components.evaluate import evaluate, per_class_report
 from model import ViT, model_config
 from tests.conftest import CLASSES, make_layout
@@ -24,7 +24,7 @@ def random_checkpoint(tmp_path):
         for parameter in model.parameters():  # a model with opinions, not the zero head of the init
             parameter.normal_(0, 0.3)
     path = tmp_path / "model.pt"
-    checkpoints.save_atomic({"model": model.state_dict(), "config": model.config, "classes": CLASSES}, path)
+    checkpoints.save_atomic(checkpoints.payload(model.state_dict(), model.config, CLASSES), path)
     return path, model.eval()
 
 

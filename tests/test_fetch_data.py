@@ -13,9 +13,9 @@ import pytest
 import requests
 from kaggle.api.kaggle_api_extended import KaggleApi
 
-from components.data import DataError
+from components.common.errors import DataError
+from components.common.tracking import child_environment
 from components.fetch_data import KAGGLE_DATASET, fetch_data
-from components.tracking import child_environment
 from tests.conftest import REPO, zip_folder
 from tests.sessions import read_session
 
@@ -60,7 +60,7 @@ def test_kaggle_download_is_validated_registered_and_keeps_secrets_out(layout, t
     result = fetch_data("kaggle", tmp_path / "out")
     assert calls == [(KAGGLE_DATASET, False)]
     assert result["counts"] == {"train": 24, "valid": 9, "test": 9}
-    assert result["dataset_id"] is None  # offline: the local path and hash stand for the dataset
+    assert result["data"] == result["path"]  # offline: the local version stands for the dataset
     assert (tmp_path / "out" / result["version"] / "manifest.json").is_file()
     assert json.loads((tmp_path / "out" / "fetch_data.json").read_text())["version"] == result["version"]
 
@@ -96,8 +96,8 @@ REGISTER = """
 import json, sys
 from pathlib import Path
 from clearml import Dataset, Task
-from components.data import prepare
-from components.tracking import DATASET_PROJECT, register_dataset
+from components.common.data import prepare
+from components.common.tracking import DATASET_PROJECT, register_dataset
 
 data, other = (prepare(Path(folder), Path(sys.argv[3])) for folder in sys.argv[1:3])
 tags = [f"sha:{data.version}"]

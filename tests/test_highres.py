@@ -9,29 +9,26 @@ import numpy as np
 import pytest
 import torch
 
-from components import checkpoints
-from components.augment import augment
-from components.data import decode_split, resolve
-from components.highres import (
-    VARIANTS,
-    calibrate_attention,
-    highres,
-    interpolate_finetune,
-    logit_metrics,
-    mcnemar_p,
-    split_metrics,
-    summary_part,
-)
+from components.common import checkpoints
+from components.common.augment import augment
+from components.common.data import resolve
+from components.common.images import decode_split
+from components.common.metrics import logit_metrics, mcnemar_p, split_metrics
+from components.common.presets import FinetuneConfig
+from components.common.resize import calibrate_attention, interpolate_finetune
+from components.highres import VARIANTS, highres
+from pipelines.summary import highres_part
 
 
-def run_highres(smoke_run, shapes_zip, tmp_path, **settings) -> dict:
-    """highres on the smoke checkpoint (trained at 32), on the CPU, to 48 unless told."""
-    settings = {"image_size": 48, "device": "cpu", **settings}
-    return highres(smoke_run["checkpoint"], str(shapes_zip), tmp_path / "highres.json", **settings)
+def run_highres(smoke_run, shapes_zip, tmp_path, image_size: int = 48, **finetune) -> dict:
+    """highres on the smoke checkpoint (trained at 32), on the CPU, to 48 unless told, with a
+    fine-tune of these settings."""
+    tuning = FinetuneConfig(**finetune)
+    return highres(smoke_run["checkpoint"], str(shapes_zip), tmp_path / "highres.json", image_size, tuning, "cpu")
 
 
 def test_highres_switches_the_grid_evaluates_and_finetuning_lowers_the_loss(smoke_run, shapes_zip, tmp_path):
-    result = run_highres(smoke_run, shapes_zip, tmp_path, finetune_steps=30)
+    result = run_highres(smoke_run, shapes_zip, tmp_path, steps=30)
     assert result["image_size"] == 48 and result["trained_image_size"] == 32
     assert "got 48x48" in result["no_resize_error"] and "set_image_size(48)" in result["no_resize_error"]
     for mode in VARIANTS:
@@ -81,7 +78,7 @@ def test_highres_switches_the_grid_evaluates_and_finetuning_lowers_the_loss(smok
 
 
 def test_highres_without_finetuning_reports_null(smoke_run, shapes_zip, tmp_path):
-    result = run_highres(smoke_run, shapes_zip, tmp_path, image_size=64, finetune_steps=0)
+    result = run_highres(smoke_run, shapes_zip, tmp_path, image_size=64, steps=0)
     assert result["test_accuracy_finetuned"] is None and result["finetune_losses"] == []
     assert result["test_accuracy_finetuned_interpolated"] is None and result["finetune_kept"] is None
     assert result["finetune_interpolation"] == [] and len(result["plots"]) == 4
@@ -139,7 +136,7 @@ def test_gained_and_lost_break_ties_as_the_accuracy_does():
     assert metrics["gained"] == round(metrics["accuracy"] * 3) and metrics["lost"] == 0
 
 
-@pytest.mark.parametrize("crop", [{}, {"finetune_crop_scale": 0.35}], ids=["default", "cropped"])
+@pytest.mark.parametrize("crop", [{}, {"crop_scale": 0.35}], ids=["default", "cropped"])
 def test_the_finetune_sees_whole_images_and_flips_unless_asked_to_crop(
     smoke_run, shapes_zip, tmp_path, monkeypatch, crop
 ):
@@ -150,8 +147,8 @@ def test_the_finetune_sees_whole_images_and_flips_unless_asked_to_crop(
         geometries.append(draws.geometry.cpu())
         return augment(images, draws, *args, **kwargs)
 
-    monkeypatch.setattr("components.highres.augment", watched_augment)
-    run_highres(smoke_run, shapes_zip, tmp_path, finetune_steps=4, **crop)
+    monkeypatch.setattr("components.common.resize.augment", watched_augment)
+    run_highres(smoke_run, shapes_zip, tmp_path, steps=4, **crop)
     theta = torch.cat(geometries)
     assert len(theta) == 4 * 64
     if not crop:  # the whole image, mirrored or not: the test images' view at the new size
@@ -162,28 +159,20 @@ def test_the_finetune_sees_whole_images_and_flips_unless_asked_to_crop(
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.5])
-def test_a_finetune_crop_scale_outside_0_1_is_refused_before_any_work(tmp_path, scale):
+def test_a_finetune_crop_scale_outside_0_1_is_refused(scale):
     with pytest.raises(ValueError, match=rf"--finetune-crop-scale must be in \(0, 1\].*got {scale}"):
-        highres(tmp_path / "missing.pt", "no-data", tmp_path / "h.json", finetune_crop_scale=scale, device="cpu")
-    assert not list(tmp_path.iterdir())
+        FinetuneConfig(crop_scale=scale)
 
 
-@pytest.mark.parametrize("finetuned", [True, False], ids=["finetuned", "skipped"])
-def test_the_summary_part_keeps_each_variants_accuracy_and_what_its_label_reads(finetuned):
-    result = {  # a highres result's shape, with more than the summary keeps
-        "image_size": 384,
-        "trained_image_size": 224,
-        "attention_scale": 1.25,
-        "finetune_kept": 0.75 if finetuned else None,
-        "finetune_losses": [2.0, 1.0] if finetuned else [],
-        **{f"test_accuracy_{name}": 0.5 for name in VARIANTS},
-        **{f"test_loss_{name}": 1.0 for name in VARIANTS},
+def test_the_summary_keeps_each_variants_accuracy_and_the_numbers_chosen(smoke_run, shapes_zip, tmp_path):
+    result = run_highres(smoke_run, shapes_zip, tmp_path, steps=0)
+    part = highres_part(result)
+    assert part == {
+        "image_size": 48,
+        **{f"test_accuracy_{name}": result[f"test_accuracy_{name}"] for name in VARIANTS},
+        "attention_scale": result["attention_scale"],
+        "finetune_kept": None,
     }
-    if not finetuned:
-        result["test_accuracy_finetuned"] = result["test_accuracy_finetuned_interpolated"] = None
-    part = summary_part(result)
-    assert set(part) == {"image_size", "attention_scale", "finetune_kept"} | {f"test_accuracy_{n}" for n in VARIANTS}
-    labels = [variant.label(part) for variant in VARIANTS.values()]
-    assert labels == [variant.label(result) for variant in VARIANTS.values()] and len(set(labels)) == len(VARIANTS)
-    assert ("x0.75 of its change kept" in labels[-1]) == finetuned and ("skipped" in labels[-2]) != finetuned
-    assert [variant.accuracy(part) for variant in VARIANTS.values()][:3] == [0.5] * 3
+    labels = [row["label"] for row in result["variants"]]
+    assert len(set(labels)) == len(VARIANTS) and "skipped" in labels[-2] and "skipped" in labels[-1]
+    assert f"x{result['attention_scale']:.2f}" in labels[2]

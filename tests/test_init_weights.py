@@ -14,10 +14,11 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from components import checkpoints
-from components.init_weights import initial_weights
-from components.presets import PRESETS, preset
-from components.train import _architecture, build_model, main, train
+from components.common import checkpoints
+from components.common.init_weights import initial_weights
+from components.common.presets import PRESETS, architecture, preset
+from components.common.training import build_model
+from components.train import main, train
 from model import ViT, model_config
 from tests.conftest import make_layout
 
@@ -135,7 +136,7 @@ def test_the_finetune_presets_timm_weights_fit_its_model(monkeypatch):
         return timm.models.create_model(model_name, pretrained=False, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", without_download)
-    initial = initial_weights(config.init, {**_architecture(config), "image_size": config.image_size})
+    initial = initial_weights(config.init, {**architecture(config), "image_size": config.image_size})
     model = build_model(config, n_classes=20)
     model.load_state_dict({**model.state_dict(), **initial.state})
     assert asked == [(name, True)] and initial.description == f"timm {name} (pretrained)"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.tracking import child_environment
+from components.common.tracking import child_environment
 from pipelines.dag import DAG, default_highres_size
 from pipelines.server import step_queues
 from tests.conftest import REPO, SHAPE_CLASSES, SHAPES_PER_SPLIT, closed_port, make_layout
@@ -310,7 +310,7 @@ def test_ctrl_c_stops_the_run_and_leaves_nothing_half_written(tmp_path):
 
 
 def checkpoints_load_ok(path: Path) -> bool:
-    from components import checkpoints
+    from components.common import checkpoints
 
     return "model" in checkpoints.load(path)
 

@@ -8,8 +8,8 @@ from dataclasses import asdict
 
 import pandas as pd
 
-from components.plots import curves_figure
-from components.presets import preset
+from components.common.plots import curves_figure
+from components.common.presets import preset
 from pipelines.summary import write_report
 
 

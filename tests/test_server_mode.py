@@ -106,10 +106,11 @@ def server(tmp_path_factory):
 
 def launch(server: ClearMLStandIn, *args: str, timeout: float = 900, checkout: Path | None = None):
     """``python pipelines/run_pipeline.py ARGS`` in a checkout (the snapshot), as a user runs it."""
+    checkout = checkout or server.repo
     return subprocess.run(
         [sys.executable, "pipelines/run_pipeline.py", *args],
-        cwd=checkout or server.repo,
-        env=server.client_environment(server.root / "user"),
+        cwd=checkout,
+        env=server.client_environment(server.root / "user", PYTHONPATH=str(checkout)),  # its code, not the installed
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -309,7 +310,7 @@ def test_inputs_the_agents_could_not_use_are_refused_before_anything_is_launched
 
 
 def test_ctrl_c_stops_the_pipeline_and_its_running_steps(server, first_run):
-    env = server.client_environment(server.root / "user")
+    env = server.client_environment(server.root / "user", PYTHONPATH=str(server.repo))
     launcher = subprocess.Popen(
         [sys.executable, "pipelines/run_pipeline.py", *smoke_args(server, server.data, "--epochs", "300")],
         cwd=server.repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from components.tracking import TrackingError, check_server, open_task, server_configured
+from components.common.errors import TrackingError
+from components.common.tracking import check_server, open_task, server_configured
 from tests.conftest import REPO, closed_port
 
 
@@ -109,8 +110,8 @@ def test_a_closed_task_drops_what_is_uploaded_after(tmp_path):
 MODEL_ERRORS = """
 import sys
 from clearml.backend_api.session.client import APIClient
-from components import checkpoints
-from components.tracking import TrackingError
+from components.common import checkpoints
+from components.common.errors import TrackingError
 
 client = APIClient()
 no_weights = client.models.create(name="registered without weights", uri="").id

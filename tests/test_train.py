@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from components import checkpoints
-from components.data import resolve
-from components.presets import PRESETS, preset
-from components.train import learning_rate, train
+from components.common import checkpoints
+from components.common.data import resolve
+from components.common.errors import CheckpointError
+from components.common.presets import PRESETS, preset
+from components.common.training import learning_rate
+from components.train import train
 from tests.conftest import make_layout, write_image
 from tests.sessions import read_session, scalars
 
@@ -92,11 +94,12 @@ def test_validations_read_back_late_keep_the_history_and_the_best_model(tmp_path
     # On a GPU a validation's numbers reach the host some steps after it ran, while training goes
     # on changing the weights; on this CPU they arrive at once. A busy GPU cannot exist here, so
     # this stand-in holds each value back for three polls of the loop, as one would.
-    import components.train as training
-    from components.data import decode_split, resolve
-    from components.evaluate import predict
+    import components.common.loop as loop
+    from components.common.data import resolve
+    from components.common.images import decode_split
+    from components.common.metrics import predict
 
-    class BusyDevice(training.DeviceScalars):
+    class BusyDevice(loop.DeviceScalars):
         late = 0  # values that arrived during later steps, not waited for
 
         def __init__(self, device):
@@ -118,7 +121,7 @@ def test_validations_read_back_late_keep_the_history_and_the_best_model(tmp_path
     data = str(make_layout(tmp_path / "data", per_split=(32, 8, 4)))  # 12 steps an epoch at batch 8
     settings = dict(epochs=4, batch_size=8, lr=3e-3, checkpoint_minutes=60.0)  # one checkpoint, at the end
     at_once = train(data, "smoke", tmp_path / "at-once", **settings)
-    monkeypatch.setattr(training, "DeviceScalars", BusyDevice)
+    monkeypatch.setattr(loop, "DeviceScalars", BusyDevice)
     late = train(data, "smoke", tmp_path / "late", **settings)
 
     assert BusyDevice.late >= 3  # the first three validations were read while the next epoch trained
@@ -157,7 +160,7 @@ def test_a_failed_checkpoint_write_is_raised_where_the_training_waits(tmp_path):
 
 
 def test_the_weight_average_is_validated_and_kept_as_the_best_model(tmp_path):
-    from components.train import update_average
+    from components.common.training import update_average
 
     model, average = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
     start = average.weight.detach().clone()
@@ -183,7 +186,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 
 @pytest.mark.parametrize("other", ["a class more", "other images of the same classes"])
 def test_resume_onto_other_data_is_refused_before_last_pt_is_touched(tmp_path, other):
-    from components.data import DataError
+    from components.common.errors import DataError
 
     data = str(make_layout(tmp_path / "data", per_split=(8, 2, 2)))
     train(data, "smoke", tmp_path / "run", epochs=1, batch_size=8)
@@ -218,10 +221,10 @@ def test_a_damaged_or_foreign_checkpoint_says_what_is_wrong(tmp_path):
         "missing.pt": "no checkpoint at",
     }
     for name, message in expected.items():
-        with pytest.raises(checkpoints.CheckpointError, match=message):
+        with pytest.raises(CheckpointError, match=message):
             checkpoints.load(tmp_path / name)
     assert checkpoints.load(good)["model"]["w"].shape == (4000,)
-    with pytest.raises(checkpoints.CheckpointError, match="good.pt: its weights do not fit the model"):
+    with pytest.raises(CheckpointError, match="good.pt: its weights do not fit the model"):
         checkpoints.load_model(good)
 
 
@@ -306,7 +309,7 @@ def test_a_terminated_run_stops_promptly_and_resumes_from_its_checkpoint(tmp_pat
     import sys
     import time
 
-    from components.tracking import child_environment
+    from components.common.tracking import child_environment
     from tests.conftest import REPO
 
     data = str(make_layout(tmp_path / "data", per_split=(64, 4, 4)))
@@ -350,7 +353,7 @@ def test_a_terminated_run_stops_promptly_and_resumes_from_its_checkpoint(tmp_pat
 def test_the_readme_lists_every_training_flag():
     from dataclasses import fields
 
-    from components.presets import TrainConfig
+    from components.common.presets import TrainConfig
     from tests.conftest import REPO
 
     readme = (REPO / "README.md").read_text()

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from components.tracking import child_environment
+from components.common.tracking import child_environment
 from model import MODEL_PRESETS
 from tests.conftest import REPO
 

@@ -9,9 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
-class WriteError(OSError):
-    """A file could not be written (a full disk, a read-only folder); the message names it and why."""
+from components.common.errors import WriteError
 
 
 @contextmanager

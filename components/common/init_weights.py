@@ -19,9 +19,8 @@ from typing import NamedTuple
 
 import torch
 
-from components import checkpoints
-from components.checkpoints import CheckpointError
-from components.presets import ConfigError
+from components.common import checkpoints
+from components.common.errors import CheckpointError, ConfigError
 from model import MODEL_PRESETS, resize_pos_embed
 from model.timm_convert import architecture_from_timm_state, config_from_timm, state_dict_from_timm, timm_state_to_ours
 
@@ -71,7 +70,7 @@ def _read(source: str) -> tuple[dict, dict, tuple[int, int], str]:
         loaded = checkpoints.read_weights(path)
     except CheckpointError as error:
         raise ConfigError(f"--init {source}: {error}") from None
-    if isinstance(loaded, dict) and {"model", "config"} <= set(loaded):
+    if checkpoints.is_checkpoint(loaded):
         config = loaded["config"]
         grid = tuple(side // config["patch_size"] for side in config["image_size"])
         architecture = {name: config[name] for name in ARCHITECTURE}

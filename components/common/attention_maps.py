@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from matplotlib import cm, colors
 
-from components.data import to_input
-from components.plots import plt  # with the headless backend plots chooses
+from components.common.images import to_input
+from components.common.plots import plt  # with the headless backend plots chooses
 from model import ViT
 from model.attention_maps import attention_maps
 

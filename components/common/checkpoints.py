@@ -11,12 +11,27 @@ from pathlib import Path
 
 import torch
 
-from components.atomic import atomic_path
+from components.common.atomic import atomic_path
+from components.common.errors import CheckpointError, first_line
 from model import ViT
 
+BEST, LAST = "best.pt", "last.pt"  # a training run's best validated weights, and all a resume needs
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, damaged or not one of this project's; the message says what to do."""
+
+def payload(weights: dict, config: dict, classes: list[str], **training) -> dict:
+    """What a checkpoint file holds: a plain state dict, the model's config (the ``ViT``
+    constructor's arguments) and the class names; last.pt adds the training state."""
+    return {"model": weights, "config": config, "classes": classes, **training}
+
+
+def side(model: ViT) -> int:
+    """The image size a model takes, in pixels a side (every model this project trains is square)."""
+    return model.image_size[0]
+
+
+def is_checkpoint(loaded) -> bool:
+    """Whether what a file held is one of `payload`'s."""
+    return isinstance(loaded, dict) and {"model", "config"} <= set(loaded)
 
 
 def save_atomic(payload: dict, path: Path) -> Path:
@@ -80,7 +95,7 @@ def local_copy(reference: str | Path, role: str = "checkpoint") -> Path:
     path = Path(reference)
     if path.is_file():
         return path
-    from components.tracking import registered_model, server_configured
+    from components.common.tracking import registered_model, server_configured
 
     if not server_configured():
         raise CheckpointError(f"no checkpoint at {path}; pass the .pt file that train wrote (see its train.json)")
@@ -103,9 +118,8 @@ def read_weights(path: Path):
             f"file that train wrote"
         ) from None
     except RuntimeError as error:  # a damaged zip record
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(
-            f"{path} is damaged ({first_line}); use the best.pt beside it, or train into a new --output"
+            f"{path} is damaged ({first_line(error)}); use the best.pt beside it, or train into a new --output"
         ) from None
 
 
@@ -113,7 +127,7 @@ def load(reference: str | Path) -> dict:
     """A checkpoint of this project, read without running any code it might hold."""
     path = local_copy(reference)
     checkpoint = read_weights(path)
-    if not isinstance(checkpoint, dict) or not {"model", "config"} <= set(checkpoint):
+    if not is_checkpoint(checkpoint):
         raise CheckpointError(f"{path} is not a checkpoint of this project (it lacks 'model' and 'config')")
     return checkpoint
 
@@ -129,9 +143,8 @@ def load_model(reference: str | Path, attention: str | None = None) -> tuple[ViT
         model = ViT(**config)
         model.load_state_dict(checkpoint["model"])
     except (TypeError, RuntimeError) as error:  # a config ViT does not take, weights of another shape
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(
-            f"{reference}: its weights do not fit the model its config describes ({first_line}); pass a .pt file "
-            f"that train wrote"
+            f"{reference}: its weights do not fit the model its config describes ({first_line(error)}); pass a .pt "
+            f"file that train wrote"
         ) from None
     return model, checkpoint

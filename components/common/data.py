@@ -14,32 +14,24 @@ import io
 import json
 import os
 import shutil
-import stat
 import tempfile
 import zipfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-import albumentations as A
-import cv2
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
-from components.atomic import WriteError
+from components.common.archive import safe_extract
+from components.common.errors import DataError, first_line
 
 SPLITS = ("train", "valid", "test")
 CSV_COLUMNS = ["class id", "filepaths", "labels", "data set"]
 CSV_NAMES = ("headgear.csv", "headgear.csv.csv")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 MANIFEST, INDEX = "manifest.json", "index.csv"
-
-
-class DataError(ValueError):
-    """The data cannot be used; the message names what is wrong and where."""
 
 
 @dataclass
@@ -60,99 +52,6 @@ class DataVersion:
 
     def split(self, name: str) -> pd.DataFrame:
         return self.index[self.index["data set"] == name].reset_index(drop=True)
-
-
-# --- extraction -----------------------------------------------------------------------------
-
-# Generous for the 200 MB headgear archive (JPEGs barely compress), far below what a zip bomb inflates to.
-DEFAULT_MAX_EXTRACT_GB, DEFAULT_MAX_RATIO = 10.0, 100.0
-RATIO_FLOOR = 1_000_000  # a small archive of text compresses well and is no bomb: the ratio counts beyond 1 MB
-
-
-def extraction_limits() -> tuple[int, float]:
-    """The most bytes an archive may extract to and the most its size may grow by:
-    ``HEADGEAR_MAX_EXTRACT_GB`` and ``HEADGEAR_MAX_RATIO`` (default 10 GB and 100)."""
-    values = []
-    settings = (("HEADGEAR_MAX_EXTRACT_GB", DEFAULT_MAX_EXTRACT_GB), ("HEADGEAR_MAX_RATIO", DEFAULT_MAX_RATIO))
-    for name, default in settings:
-        text = os.environ.get(name, "")
-        try:
-            value = float(text) if text else default
-        except ValueError:
-            value = -1.0
-        if not value > 0:
-            raise DataError(f"{name}={text!r}: expected a number above 0 (default {default:g})")
-        values.append(value)
-    return int(values[0] * 1e9), values[1]
-
-
-def safe_extract(archive: Path, target: Path, max_bytes: int | None = None, max_ratio: float | None = None) -> None:
-    """Extracts a zip, refusing it whole if any entry would land outside ``target`` (absolute
-    paths, ``..``) or is a link, if it would extract to more than ``max_bytes`` or grow more
-    than ``max_ratio`` times (`extraction_limits` by default), or if a member is damaged. The
-    sizes are the headers'; zipfile inflates no more than they say, and a member whose header
-    lies fails its CRC check and is reported damaged."""
-    default_bytes, default_ratio = extraction_limits()
-    max_bytes, max_ratio = max_bytes or default_bytes, max_ratio or default_ratio
-    try:
-        zf = zipfile.ZipFile(archive)
-    except zipfile.BadZipFile as error:
-        raise DataError(f"{archive} is not a readable zip archive ({error}); download it again") from None
-    with zf:
-        members = zf.infolist()
-        hostile = []
-        for info in members:
-            path = PurePosixPath(info.filename.replace("\\", "/"))
-            is_link = stat.S_ISLNK(info.external_attr >> 16)
-            if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]) or is_link:
-                hostile.append(info.filename)
-        if hostile:
-            raise DataError(
-                f"refusing to extract {archive}: {len(hostile)} entries would land outside the target "
-                f"or are links: {', '.join(hostile[:10])}"
-            )
-        if not members:
-            raise DataError(f"{archive} is an empty zip archive; pass the headgear archive")
-        compressed = max(1, sum(info.compress_size for info in members))
-        declared = sum(info.file_size for info in members)
-        limit = min(max_bytes, max(int(compressed * max_ratio), RATIO_FLOOR))
-        if declared > limit:
-            raise DataError(_too_big(archive, declared, compressed, max_bytes, max_ratio))
-        for info in members:
-            destination = Path(target, *PurePosixPath(info.filename.replace("\\", "/")).parts)
-            if info.is_dir():
-                destination.mkdir(parents=True, exist_ok=True)
-                continue
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with zf.open(info) as source, open(destination, "wb") as sink:
-                    shutil.copyfileobj(source, sink, 1 << 20)
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:
-                raise DataError(
-                    f"{archive}: the member {info.filename} is damaged ({type(error).__name__}: {error}); "
-                    f"download the archive again"
-                ) from None
-            except OSError as error:  # a full disk: the scratch folder lies under TMPDIR
-                raise WriteError(
-                    f"could not extract {archive} to {destination}: {error.strerror}; free some space there or "
-                    f"point TMPDIR at a larger disk"
-                ) from None
-
-
-def _too_big(archive: Path, size: int, compressed: int, max_bytes: int, max_ratio: float) -> str:
-    return (
-        f"refusing to extract {archive}: it inflates to {_size(size)} or more from {_size(compressed)}, beyond "
-        f"the limits of {_size(max_bytes)} and {max_ratio:g} times its size; if it is the real data, raise "
-        f"HEADGEAR_MAX_EXTRACT_GB / HEADGEAR_MAX_RATIO"
-    )
-
-
-def _size(count: float) -> str:
-    for unit in ("bytes", "kB", "MB"):
-        if count < 1000:
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.2f} GB"
 
 
 # --- reading the layout -----------------------------------------------------------------------
@@ -188,8 +87,7 @@ def _read_csv(path: Path, **options) -> tuple[pd.DataFrame, str]:
         except UnicodeDecodeError:
             continue
         except (pd.errors.EmptyDataError, pd.errors.ParserError) as error:
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise DataError(f"{path} cannot be read as a CSV ({first_line}); fix it or remove it") from None
+            raise DataError(f"{path} cannot be read as a CSV ({first_line(error)}); fix it or remove it") from None
     raise DataError(f"{path} is neither UTF-8 nor {CSV_FALLBACK_ENCODING} text; save it as UTF-8")
 
 
@@ -261,13 +159,6 @@ def _some(items: list[str], shown: int = 5) -> str:
 
 
 # --- validation ------------------------------------------------------------------------------
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Decodes an image fully (truncated files fail here) and converts it to RGB."""
-    with Image.open(path) as image:
-        image.load()
-        return image.convert("RGB")
 
 
 def _check_file(root: Path, relative: str) -> tuple[str | None, str | None]:
@@ -458,7 +349,7 @@ def check_source(source: str, allow_kaggle: bool = False) -> None:
     elif path.exists():
         raise DataError(f"{path} is neither a file nor a folder; pass a zip or a folder in the headgear layout")
     else:
-        from components.tracking import server_configured
+        from components.common.tracking import server_configured
 
         if not server_configured():
             raise DataError(
@@ -468,41 +359,20 @@ def check_source(source: str, allow_kaggle: bool = False) -> None:
 
 
 def resolve(source: str, store: Path | None = None, strict: bool = False) -> DataVersion:
-    """A zip, a folder (raw or prepared) or, with a ClearML server, a ClearML Dataset id."""
-    check_source(source)
+    """The data version of a zip, a folder (raw or prepared) or, with a ClearML server, a ClearML
+    Dataset id. (The command lines `check_source` before any work; this reads the data.)"""
     path = Path(source).expanduser()
     if path.exists():
         return prepare(path, store or default_store(), strict=strict)
-    from components.tracking import dataset_local_copy
+    from components.common.tracking import dataset_local_copy, server_configured
 
+    if str(source) == KAGGLE or not server_configured():
+        check_source(source)  # raises, saying why
     return prepare(dataset_local_copy(source), store or default_store(), strict)
 
 
-# --- decoded images ---------------------------------------------------------------------------
-
-
-def decode_split(data: DataVersion, split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every image of a split decoded once, resized to ``image_size`` square: uint8 (N, S, S, 3)
-    and int64 labels (N,)."""
-    frame = data.split(split)
-    # OpenCV's bicubic when enlarging; pixel-area averaging when shrinking, which aliases less.
-    resize = A.Resize(image_size, image_size, interpolation=cv2.INTER_CUBIC, area_for_downscale="image")
-
-    def decode(relative: str) -> np.ndarray:
-        image = np.asarray(load_rgb(data.root / relative))
-        return image if image.shape[:2] == (image_size, image_size) else resize(image=image)["image"]
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        images = np.stack(list(pool.map(decode, frame["filepaths"])))
-    return images, frame["class id"].to_numpy(dtype=np.int64, copy=True)
-
-
-def to_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the paper's normalisation. Runs
-    on whatever device the batch is on, so only uint8 bytes cross to the GPU."""
-    return images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
-
-
-def from_input(inputs: torch.Tensor) -> np.ndarray:
-    """The inverse of `to_input`, for showing model inputs: float (N, 3, H, W) -> uint8 (N, H, W, 3)."""
-    return inputs.add(1.0).mul(127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+def load_rgb(path: Path) -> Image.Image:
+    """Decodes an image fully (truncated files fail here) and converts it to RGB."""
+    with Image.open(path) as image:
+        image.load()
+        return image.convert("RGB")

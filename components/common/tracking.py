@@ -30,14 +30,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from components.common.errors import TrackingError
+
 PROJECT = "headgear-vit"
 DATASET_PROJECT = f"{PROJECT}/datasets"
 PING_TIMEOUT_S = 5.0
 OFFLINE_CONFIG = Path(__file__).with_name("clearml-offline.conf")
-
-
-class TrackingError(RuntimeError):
-    """ClearML is configured but cannot be used; the message says what to do."""
 
 
 def offline_forced() -> bool:
@@ -288,7 +286,7 @@ def download_plots(result: dict, folder: Path) -> dict:
 
 
 def register_dataset(data, parent: str | None = None, output_uri: str | None = None) -> str:
-    """The id of the ClearML Dataset holding ``data`` (a `components.data.DataVersion`), created
+    """The id of the ClearML Dataset holding ``data`` (a `components.common.data.DataVersion`), created
     only if no completed, unarchived dataset with the same content hash exists. ``parent``: the
     id of the ClearML Dataset the version was prepared from, recorded as its parent (the lineage
     in the web UI); the new version holds exactly the prepared files, whatever the parent had.

@@ -11,13 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from components.atomic import WriteError
-from components.checkpoints import CheckpointError
-from components.data import DataError
-from components.presets import ConfigError
-from components.tracking import TrackingError
+from components.common.errors import INPUT_ERRORS
 
-INPUT_ERRORS = (DataError, ConfigError, TrackingError, CheckpointError, WriteError)
 Result = TypeVar("Result")
 
 
@@ -89,6 +84,13 @@ def output_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{path} is a folder; pass the path of the file to write")
     output_folder(str(path.parent))
     return path
+
+
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where a command computes."""
+    parser.add_argument(
+        "--device", type=device_name, default="auto", help="auto (the GPU if there is one) | cpu | cuda[:N] (auto)"
+    )
 
 
 def device_name(text: str) -> str:

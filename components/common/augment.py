@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from components.presets import TrainConfig
+from components.common.presets import TrainConfig
 
 # Strengths are drawn uniformly in [-1, 1] and scaled: at most these. Geometric ops are drawn as
 # the inverse maps the warp needs (output -> input coordinates, the image spanning [-1, 1]);
@@ -73,11 +73,17 @@ class Draws(NamedTuple):
     group_sizes: tuple[int, ...]  # N x len(PIXEL_OPS) sizes of those groups
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The one seed of everything random in an epoch (its order, its augmentation, dropout and
+    mixing): a resumed run draws exactly what an uninterrupted one would."""
+    return seed * 10_007 + epoch
+
+
 def epoch_batches(size: int, config: TrainConfig, epoch: int, device: torch.device) -> list[Draws]:
     """The draws of each full batch of ``epoch`` over a split of ``size`` images, on ``device``:
     every image once, in an order seeded by (seed, epoch), the last partial batch left out."""
     drawn = draw(size, config, epoch)
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(config.seed * 10_007 + epoch)).numpy()
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch))).numpy()
     steps = len_epoch(size, config.batch_size)
     return on_device(
         [batch_draws(drawn, rows) for rows in np.array_split(order[: steps * config.batch_size], steps)], device

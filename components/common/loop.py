@@ -1,0 +1,188 @@
+"""The training loop's bookkeeping: numbers read back from the device without waiting for it,
+the time each phase takes, the progress bar, the validations and the checkpoints' timing."""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from components.common import checkpoints
+from components.common.augment import len_epoch
+from components.common.devices import mixed_precision
+from components.common.metrics import correct, predict
+from components.common.training import TrainingState
+from model import ViT
+
+
+class DeviceScalars:
+    """Numbers computed on the device, read on the host without making it wait: `push` starts a
+    copy to pinned memory behind an event, and `arrived` yields the values whose copies are done
+    (a float, or a list for a tensor of several, with what was pushed along), a few steps later.
+    Reading a loss with ``.item()`` instead would stall the host until the device caught up,
+    and with it the queue of work ahead."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.pending = device, collections.deque()
+
+    def push(self, value: torch.Tensor, **along) -> None:
+        if self.device.type != "cuda":
+            self.pending.append((value.detach().cpu(), None, along))
+            return
+        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        host.copy_(value.detach(), non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        self.pending.append((host, copied, along))
+
+    def arrived(self, wait: bool = False) -> Iterator[tuple[float | list[float], dict]]:
+        while self.pending and (wait or self.pending[0][1] is None or self.pending[0][1].query()):
+            host, copied, along = self.pending.popleft()
+            if copied is not None:
+                copied.synchronize()
+            yield host.tolist(), along
+
+
+class Stopwatch:
+    """Host seconds by phase of the training loop: ``lap(phase)`` adds the time since the
+    previous lap to ``phase``. On a GPU a step's time is what the host spent issuing it, which
+    includes waiting whenever the device is behind."""
+
+    def __init__(self):
+        self.seconds, self.last = collections.Counter(), time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.last
+        self.last = now
+
+    def restart(self) -> None:
+        self.seconds.clear()
+        self.last = time.perf_counter()
+
+
+def report_step(tracker, progress: tqdm, loss: float, step: int, lr: float, images_per_second: float) -> None:
+    tracker.scalar("loss", "train (step)", loss, step)
+    tracker.scalar("learning rate", "lr", lr, step)
+    tracker.scalar("throughput", "images/s", images_per_second, step)
+    progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}")
+
+
+def measure_validation(
+    validated: ViT, valid_images: torch.Tensor, valid_labels: torch.Tensor, epoch_sums: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """(4,) on the device, nothing read back: the validation loss of ``validated`` and its number
+    of correct images, then the training loss and correct images summed over ``epoch_sums``
+    (epochs, 2). `record_validation` divides them once they have arrived on the host."""
+    logits = predict(validated, valid_images, valid_labels.device, batch_size, to_host=False)
+    validation = torch.stack([F.cross_entropy(logits, valid_labels), correct(logits, valid_labels).sum()])
+    return torch.cat([validation, epoch_sums.sum(0)])
+
+
+def record_validation(
+    measured: list[float],
+    divisors: tuple[int, ...],
+    epoch: int,
+    epochs: int,
+    weights: dict,
+    history: dict,
+    best: dict,
+    tracker,
+) -> str:
+    """Adds the validation after ``epoch`` (from 0), `measure_validation`'s numbers over
+    ``divisors``, to ``history`` and the tracker; ``weights``, the validated ones, become
+    ``best`` when no earlier validation was as accurate. Returns the line to print."""
+    val_loss, val_accuracy, train_loss, train_accuracy = (value / n for value, n in zip(measured, divisors))
+    if val_accuracy > max(history["val_accuracy"], default=-1.0):  # written with the next checkpoint
+        best.update(model=weights, epoch=epoch)
+    for name, value in zip(
+        ("train_loss", "train_accuracy", "val_loss", "val_accuracy"),
+        (train_loss, train_accuracy, val_loss, val_accuracy),
+    ):
+        history[name].append(value)
+        tracker.scalar(name.split("_")[1], "valid" if name.startswith("val") else "train", value, epoch + 1)
+    history["epoch"].append(epoch + 1)
+    return (
+        f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, valid loss {val_loss:.4f}, "
+        f"valid accuracy {val_accuracy:.4f}"
+    )
+
+
+class Loop:
+    """The training loop's bookkeeping around a `TrainingState`: the step and the schedule's
+    length, each epoch's summed loss and correct images (on the device), the numbers on their way
+    back to the host, the progress bar, the stopwatch, the throughput's timing and the checkpoint
+    writer into ``folder``."""
+
+    def __init__(self, state: TrainingState, n_train: int, device: torch.device, tracker, folder: Path):
+        self.config, self.device, self.tracker, self.folder = state.config, device, tracker, folder
+        config = state.config
+        self.steps_per_epoch = len_epoch(n_train, config.batch_size)
+        self.total_steps, self.step = config.epochs * self.steps_per_epoch, state.epoch * self.steps_per_epoch
+        self.first_epoch = self.unreported_from = state.epoch
+        self.autocast = mixed_precision(device)
+        self.progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        # Loss and correct predictions summed per epoch on the device, read with the validations.
+        self.epoch_sums = torch.zeros(config.epochs, 2, device=device)
+        self.step_losses, self.validations = DeviceScalars(device), DeviceScalars(device)
+        self.window_start, self.window_images = time.perf_counter(), 0
+        self.saved_at, self.timed_from = time.monotonic(), None
+        self.stopwatch = Stopwatch()
+        self.writer = checkpoints.CheckpointWriter()
+
+    def after_step(self, state: TrainingState, loss: torch.Tensor, lr: float, n_images: int) -> None:
+        """Counts the step, queues its loss every ``log_every`` steps and reports what has arrived."""
+        self.step += 1
+        self.window_images += n_images
+        self.progress.update()
+        if self.step % self.config.log_every == 0:
+            elapsed = time.perf_counter() - self.window_start
+            self.step_losses.push(loss, step=self.step, lr=lr, images_per_second=self.window_images / elapsed)
+            self.window_start, self.window_images = time.perf_counter(), 0
+        self.report_losses()
+        self.record_validations(state)
+
+    def report_losses(self, wait: bool = False) -> None:
+        for value, logged in self.step_losses.arrived(wait=wait):
+            report_step(self.tracker, self.progress, value, **logged)
+
+    def record_validations(self, state: TrainingState, wait: bool = False) -> None:
+        for measured, along in self.validations.arrived(wait=wait):
+            line = record_validation(measured, history=state.history, best=state.best, tracker=self.tracker, **along)
+            self.progress.write(line)
+
+    def save(self, files: dict[str, dict]) -> None:
+        self.writer.save({self.folder / name: payload for name, payload in files.items()})
+        self.saved_at = time.monotonic()
+
+    def start_timing_once(self) -> None:
+        """Throughput is timed after the first epoch (compilation), from an idle GPU: the steps of
+        that epoch still queued would otherwise count as timed."""
+        if self.timed_from is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.timed_from = time.perf_counter()
+            self.stopwatch.restart()
+
+    def close(self) -> float | None:
+        """Reports the losses still on their way, waits until the last checkpoints are on disk and
+        returns the images/s since the first epoch (None when there was no later one)."""
+        self.report_losses(wait=True)
+        self.progress.close()
+        config = self.config
+        timed_epochs = config.epochs - self.first_epoch - 1
+        throughput = (
+            timed_epochs * self.steps_per_epoch * config.batch_size / (time.perf_counter() - self.timed_from)
+            if (self.timed_from and timed_epochs > 0)
+            else None
+        )
+        if throughput:
+            shares = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.stopwatch.seconds.most_common())
+            print(f"after the first epoch: {throughput:.0f} images/s; the loop's time went to {shares}")
+        self.writer.wait()
+        return throughput
