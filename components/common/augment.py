@@ -102,7 +102,7 @@ def len_epoch(size: int, batch_size: int) -> int:
 
 def draw(size: int, config: TrainConfig, epoch: int) -> ImageDraws:
     """The draws of all ``size`` images for ``epoch``, from (seed, epoch) alone."""
-    rng = np.random.default_rng([config.seed, epoch])
+    rng = np.random.default_rng(epoch_seed(config.seed, epoch))
     ops = np.argsort(rng.random((size, len(RAND_AUGMENT_OPS))), axis=1)[:, : config.rand_augment]  # no repeats
     strength = rng.uniform(-1.0, 1.0, ops.shape).astype(np.float32)
     geometry = random_geometry(rng, config, ops, strength)
