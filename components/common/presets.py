@@ -77,7 +77,8 @@ class TrainConfig:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # The whole pipeline on 2 CPU cores in a few minutes: tiny model, 32x32 images.
+    # The whole pipeline on 2 CPU cores, quickly: tiny model, 32x32 images (its time:
+    # benchmarks/RESULTS.md, "CPU timings").
     "smoke": TrainConfig(
         model="vit-tiny-test",
         image_size=32,
@@ -88,9 +89,9 @@ PRESETS: dict[str, TrainConfig] = {
         drop_path_rate=0.0,
         crop_scale=0.6,
     ),
-    # What 2 CPU cores train in about ten minutes: six narrow blocks, patch 8 at 48x48, 90 epochs
-    # of 28 steps on 3,600 images (benchmarks/RESULTS.md, "The recipe at 224", gives its time and
-    # accuracy). Nearly all of a step is the model's forward and backward.
+    # Sized for ten minutes of training on 2 CPU cores: six narrow blocks, patch 8 at 48x48, 90
+    # epochs of 28 steps of 128 images on either data set (benchmarks/RESULTS.md, "CPU timings",
+    # gives its time and accuracy). Nearly all of a step is the model's forward and backward.
     "cpu-10min": TrainConfig(
         model="vit-mini",
         image_size=48,
@@ -103,7 +104,7 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     # ViT-Ti/16 at 224 after the paper and DeiT, for a GPU: AdamW with warm-up and cosine decay,
     # label smoothing, stochastic depth, random erasing, mixup and cutmix, and a long schedule,
-    # which a small data set needs and a GPU makes cheap (3,600 images an epoch). No RandAugment:
+    # which a small data set needs and a GPU makes cheap (a few thousand images an epoch). No RandAugment:
     # it cost accuracy at 384 and gained none at 224. Training at 160, 224 and 288 (patch grids
     # 10, 14, 18) keeps the model accurate at 384 without a fine-tune (benchmarks/RESULTS.md,
     # "The recipe at 224" and "How we got here").
