@@ -23,8 +23,9 @@ Side by side on the test split, with the images resized to the new size:
 
 and the accuracy at the training size as the reference row. Each variant's row also counts the
 test images it gets right that the reference got wrong and the reverse, with McNemar's exact
-p-value: on 500 test images one standard error of accuracy is about 1.5 points, so whether
-384 is better or worse than 224 is a question for the paired count, not the difference.
+p-value: on a few hundred test images one standard error of accuracy is a point or two (on
+the headgear data's 100, about 3), so whether 384 is better or worse than 224 is a question
+for the paired count, not the difference.
 
     python -m components.highres --checkpoint best.pt --data SRC --output-json highres.json
 """

@@ -68,7 +68,7 @@ def logit_metrics(logits: torch.Tensor, labels: np.ndarray, reference: np.ndarra
 
 def mcnemar_p(gained: int, lost: int) -> float:
     """McNemar's exact test: the chance that, were both sizes equally accurate, the images one
-    of them alone gets right would split at least this unevenly. At 500 test images a few
-    points of accuracy can be chance; this says how likely."""
+    of them alone gets right would split at least this unevenly. On a few hundred test images a
+    few points of accuracy can be chance; this says how likely."""
     changed, fewer = gained + lost, min(gained, lost)
     return min(1.0, 2 * sum(math.comb(changed, k) for k in range(fewer + 1)) / 2**changed)
