@@ -248,7 +248,8 @@ def warp(pixels: torch.Tensor, geometry: torch.Tensor, boxes: torch.Tensor | Non
 def sampling_grid(geometry: torch.Tensor, side: int) -> torch.Tensor:
     """``F.affine_grid(geometry, (B, C, side, side), align_corners=False)``: the input position
     of each output pixel's centre, (B, side, side, 2), written out because affine_grid's batched
-    matrix product with an inner size of 3 ran as a slow fp32 GEMM (3% of the H100's time)."""
+    matrix product with an inner size of 3 ran as a slow fp32 GEMM (benchmarks/RESULTS.md,
+    "Sampling grid written out")."""
     centres = (torch.arange(side, device=geometry.device, dtype=torch.float32) * 2 + 1) / side - 1
     x, y = centres.view(1, 1, side), centres.view(1, side, 1)
     theta = geometry.float()[..., None, None]  # (B, 2, 3, 1, 1)
