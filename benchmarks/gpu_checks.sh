@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The GPU measurements behind benchmarks/RESULTS.md, for a GPU machine without network access.
-# Each part ends in under ten minutes:
-#   bash benchmarks/gpu_checks.sh attention  # the separate/fused/sdpa sweep (about 2 minutes)
-#   bash benchmarks/gpu_checks.sh speed [FLAGS]  # training throughput, syncs per step, a profile (about 9)
-#   bash benchmarks/gpu_checks.sh breakdown [MODE ...]  # the training step piece by piece, per compile mode (1.5 each)
-#   bash benchmarks/gpu_checks.sh recipe [OVERRIDES]  # vit-ti16-224 from scratch, evaluate, highres at 384 (about 6)
+# Every command runs under the time limit `step` is given below; how long the parts have taken:
+# benchmarks/RESULTS.md, "How long the GPU checks run".
+#   bash benchmarks/gpu_checks.sh attention  # the separate/fused/sdpa sweep
+#   bash benchmarks/gpu_checks.sh speed [FLAGS]  # training throughput, syncs per step, a profile
+#   bash benchmarks/gpu_checks.sh breakdown [MODE ...]  # the training step piece by piece, per compile mode
+#   bash benchmarks/gpu_checks.sh recipe [OVERRIDES]  # vit-ti16-224 from scratch, evaluate, highres at 384
 #   bash benchmarks/gpu_checks.sh ablate "--rand-augment 2" "--epochs 900" ...  # one run per override set
-#   bash benchmarks/gpu_checks.sh finetune "--finetune-steps 1000" ...  # highres variants of recipe's model (1 each)
+#   bash benchmarks/gpu_checks.sh finetune "--finetune-steps 1000" ...  # highres variants of recipe's model
 # speed's FLAGS go to train_throughput.py: "--models vit-ti16 --compile-modes reduce-overhead"
-# keeps to the rows that compare the training component with its model step (about 6 minutes);
+# keeps to the rows that compare the training component with its model step;
 # breakdown's modes are default and reduce-overhead unless named.
 # DATA is the archive to train on (the headgear zip, or the Fashion-MNIST stand-in); OUT
 # receives the logs and JSON results. SMALL=1 runs the same commands with tiny settings (a dry
@@ -47,8 +48,8 @@ if [ "$part" = attention ]; then
 elif [ "$part" = speed ]; then
   small=${SMALL:+--small}
   read -ra extra <<< "${2:-}"  # e.g. "--models vit-ti16 --compile-modes reduce-overhead"
-  # The component for 40 epochs (about 8 s timed with CUDA graphs on an H200), so that what
-  # happens once, at the end (the last validation waited for, a checkpoint), weighs little.
+  # The component for 40 epochs, so that what happens once, at the end (the last validation
+  # waited for, a checkpoint), weighs little against the timed epochs.
   step 420 "$OUT/throughput.log" python3 benchmarks/train_throughput.py --data "$DATA" $small \
     --steps 10 --warmup 3 --repeats 3 --component-epochs 40 --output-json "$OUT/throughput.json" "${extra[@]}"
   if [ "$device" = cuda ]; then
