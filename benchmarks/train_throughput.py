@@ -16,7 +16,7 @@ Rows, all measured in one run on whatever device is present:
 
 MFU = forward FLOPs x 3 (forward + backward) x images/s / the card's dense bf16 peak.
 
-    python benchmarks/train_throughput.py --data ../shared/data/fashion-mnist-headgear-layout.zip
+    python benchmarks/train_throughput.py --data fashion-mnist-headgear-layout.zip
     python benchmarks/train_throughput.py --small      # the CPU setting CI runs
 """
 
