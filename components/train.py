@@ -33,6 +33,7 @@ from components.common.init_weights import initial_weights
 from components.common.loop import Loop, measure_validation
 from components.common.plots import curves_figure, image_grid_figure
 from components.common.presets import PRESETS, TrainConfig, add_override_flags, architecture, overrides_from, preset
+from components.common.run_folder import claimed
 from components.common.tracking import open_task
 from components.common.training import (
     Splits,
@@ -158,16 +159,25 @@ def finish(state: TrainingState, loop: Loop, tracker, output: Path, preset_name:
     }
 
 
-def train(data: str, preset_name: str, output: Path, resume: bool = False, device: str = "auto", **overrides) -> dict:
-    """Trains and returns ``{"checkpoint" (best.pt), "last_checkpoint", "image_size", "epochs"
-    (those that ended in a validation), "train_loss" (mean since the previous validation),
-    "val_accuracy", "val_loss" (one per validation), "images_per_second" (from the end of the
-    first epoch to the end of the last, the device idle at both) and "seconds_by_phase" (of the
-    loop, after the first epoch; checkpoints count until their tensors are on the host, the
-    files are written meanwhile), "classes", "data_version", "model" (what the next steps load:
-    with a server the registered model's id, else the checkpoint),
-    "config", "device", "versions" (torch, clearml), "plots" ({"path", "caption"}), "clearml"}``;
-    also written to ``output/train.json``."""
+def train(
+    data: str,
+    preset_name: str,
+    output: Path,
+    resume: bool = False,
+    device: str = "auto",
+    overwrite: bool = False,
+    **overrides,
+) -> dict:
+    """Trains into ``output`` (refused while another run writes there, and where an earlier run
+    left its checkpoints, unless ``resume`` continues it or ``overwrite`` replaces it) and
+    returns ``{"checkpoint" (best.pt), "last_checkpoint", "image_size", "epochs" (those that
+    ended in a validation), "train_loss" (mean since the previous validation), "val_accuracy",
+    "val_loss" (one per validation), "images_per_second" (from the end of the first epoch to the
+    end of the last, the device idle at both) and "seconds_by_phase" (of the loop, after the
+    first epoch; checkpoints count until their tensors are on the host, the files are written
+    meanwhile), "classes", "data_version", "model" (what the next steps load: with a server the
+    registered model's id, else the checkpoint), "config", "device", "versions" (torch,
+    clearml), "plots" ({"path", "caption"}), "clearml"}``; also written to ``output/train.json``."""
     output = Path(output)
     config = preset(preset_name, **overrides)
     device = pick_device(device)
@@ -177,9 +187,18 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             f"note: training at {config.train_sizes} for a model of size {config.image_size}; "
             f"--train-sizes {config.image_size} trains at that size alone"
         )
+    earlier = None if resume else output / "checkpoints" / checkpoints.LAST
+    advice = "pass --resume to continue it, --overwrite to train anew in its place, or another --output"
+    with claimed(output, holds_a_run=earlier, overwrite=overwrite, advice=advice):
+        result = run_training(data, preset_name, config, output, resume, device)
+        write_json(result, output / "train.json")
+    return result
+
+
+def run_training(data: str, preset_name: str, config: TrainConfig, output: Path, resume: bool, device) -> dict:
+    """`train` in the folder it holds: the task, the state (fresh or resumed), the epochs."""
     folder = output / "checkpoints"
     saved = TrainingState.saved(folder, config) if resume else None
-
     with open_task("train", "training", output, title=f"train {preset_name}") as tracker:
         params = tracker.connect({"data": data, "preset": preset_name, **asdict(config)})
         config = TrainConfig(**{k: v for k, v in params.items() if k not in ("data", "preset")})
@@ -205,7 +224,6 @@ def train(data: str, preset_name: str, output: Path, resume: bool = False, devic
             loop.start_timing_once()
         result = finish(state, loop, tracker, output, preset_name)
     result["clearml"] = tracker.session
-    write_json(result, output / "train.json")
     return result
 
 
@@ -222,13 +240,15 @@ def main(argv: list[str] | None = None) -> None:
         "--output", type=cli.output_folder, required=True, help="folder for checkpoints/, train.json, curves.png"
     )
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
+    parser.add_argument("--overwrite", action="store_true", help="train anew where an earlier run left its checkpoints")
     cli.add_device_flag(parser)
     add_override_flags(parser)
     args = parser.parse_args(argv)
     overrides = overrides_from(args)
     cli.run(parser, preset, args.preset, **overrides)  # a wrong setting is named even when the data is wrong too
     cli.run(parser, check_source, args.data)
-    result = cli.run(parser, train, args.data, args.preset, args.output, args.resume, args.device, **overrides)
+    where = (args.output, args.resume, args.device, args.overwrite)
+    result = cli.run(parser, train, args.data, args.preset, *where, **overrides)
     print(f"best checkpoint {result['checkpoint']}: valid accuracy {max(result['val_accuracy']):.4f}")
 
 

@@ -85,6 +85,7 @@ def add_placement_flags(group) -> None:
         default=None,
         help="run folder of the local mode (default: runs/<date-time>)",
     )
+    group.add_argument("--overwrite", action="store_true", help="run again into an --output that holds an earlier run")
     group.add_argument("--queue", default="gpu", help="agent queue of the GPU steps in server mode (default: gpu)")
     group.add_argument(
         "--cpu-queue",
@@ -192,13 +193,12 @@ def main(argv: list[str] | None = None) -> int:
                 return server.run_on_agent(params, args.docker_image)
             return launch_on_server(args, params)
         check_inputs(params, mode)
-        return run_local(params, output)
+        return run_local(params, output, args.overwrite)
     except INPUT_ERRORS as error:
         print(f"run_pipeline: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        kept = f"the steps that finished are kept in {output}" if mode == "local" else "nothing was launched"
-        print(f"\ninterrupted: {kept}", file=sys.stderr)
+    except KeyboardInterrupt:  # before the first step (the runners report their own interruptions)
+        print("\ninterrupted: nothing was run or launched", file=sys.stderr)
         return 130
 
 

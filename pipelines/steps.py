@@ -43,7 +43,8 @@ def train_step(data: str, preset: str, epochs: int, seed: int, init: str, *, out
     overrides = {"epochs": int(epochs)} if int(epochs) > 0 else {}  # 0: the preset's
     if init:  # empty: the preset's (from scratch, or the finetune preset's timm weights)
         overrides["init"] = init
-    result = upload_plots(train(data, preset, Path(output) / "train", seed=int(seed), **overrides))
+    # The folder is the run's own: the local runner holds the run folder, an agent a fresh clone.
+    result = upload_plots(train(data, preset, Path(output) / "train", seed=int(seed), overwrite=True, **overrides))
     return result["model"], result
 
 

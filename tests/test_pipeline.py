@@ -302,7 +302,8 @@ def test_ctrl_c_stops_the_run_and_leaves_nothing_half_written(tmp_path):
     os.killpg(run.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130
-    assert "interrupted: the steps that finished are kept" in stderr
+    kept = f"the steps that finished (fetch_data) are kept in {tmp_path / 'run'}"
+    assert f"interrupted: train is stopped; {kept}" in stderr
     assert (tmp_path / "run" / "fetch_data" / "fetch_data.json").is_file()
     assert not (tmp_path / "run" / "summary.json").exists()
     assert not list((tmp_path / "run").rglob("*.tmp"))  # nothing half-written

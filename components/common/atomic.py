@@ -11,6 +11,8 @@ from pathlib import Path
 
 from components.common.errors import WriteError
 
+TEMPORARY_GLOB = ".*.tmp"  # the names of `atomic_path`'s temporary files: a killed write leaves one
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
