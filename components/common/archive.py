@@ -36,12 +36,15 @@ def extraction_limits() -> tuple[int, float]:
     return int(values[0] * 1e9), values[1]
 
 
-def safe_extract(archive: Path, target: Path, max_bytes: int | None = None, max_ratio: float | None = None) -> None:
+def safe_extract(
+    archive: Path, target: Path, max_bytes: int | None = None, max_ratio: float | None = None
+) -> list[str]:
     """Extracts a zip, refusing it whole if any entry would land outside ``target`` (absolute
     paths, ``..``) or is a link, if it would extract to more than ``max_bytes`` or grow more
-    than ``max_ratio`` times (`extraction_limits` by default), or if a member is damaged. The
-    sizes are the headers'; zipfile inflates no more than they say, and a member whose header
-    lies fails its CRC check and is reported damaged."""
+    than ``max_ratio`` times (`extraction_limits` by default), if a member is damaged, or if
+    two members of one name (which zip allows) differ. The sizes are the headers'; zipfile
+    inflates no more than they say, and a member whose header lies fails its CRC check and is
+    reported damaged. Returns notes on what was changed on the way (members stored twice)."""
     default_bytes, default_ratio = extraction_limits()
     max_bytes, max_ratio = max_bytes or default_bytes, max_ratio or default_ratio
     try:
@@ -68,6 +71,7 @@ def safe_extract(archive: Path, target: Path, max_bytes: int | None = None, max_
         limit = min(max_bytes, max(int(compressed * max_ratio), RATIO_FLOOR))
         if declared > limit:
             raise DataError(_too_big(archive, declared, compressed, max_bytes, max_ratio))
+        members, notes = _one_per_name(archive, zf, members)
         for info in members:
             destination = Path(target, *PurePosixPath(info.filename.replace("\\", "/")).parts)
             if info.is_dir():
@@ -87,6 +91,32 @@ def safe_extract(archive: Path, target: Path, max_bytes: int | None = None, max_
                     f"could not extract {archive} to {destination}: {error.strerror}; free some space there or "
                     f"point TMPDIR at a larger disk"
                 ) from None
+    return notes
+
+
+def _one_per_name(archive: Path, zf: zipfile.ZipFile, members: list[zipfile.ZipInfo]):
+    """The members to extract, one per name (``\\`` read as ``/``), and a note on the names stored
+    twice: the same bytes twice are extracted once; different bytes under one name are refused,
+    since which of them is meant cannot be known."""
+    by_name: dict[str, list[zipfile.ZipInfo]] = {}
+    for info in members:  # folders too, by their names ending in /
+        by_name.setdefault(info.filename.replace("\\", "/"), []).append(info)
+    repeated = {name: infos for name, infos in by_name.items() if len(infos) > 1 and not name.endswith("/")}
+    for name, infos in repeated.items():
+        try:
+            differ = len({(info.CRC, info.file_size) for info in infos}) > 1 or len({zf.read(i) for i in infos}) > 1
+        except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+            raise DataError(f"{archive}: the member {name} is damaged ({error}); download the archive again") from None
+        if differ:
+            raise DataError(
+                f"{archive} holds {len(infos)} different files under one name, {name}; which is meant cannot be "
+                f"known: remove all but one from the archive"
+            )
+    if not repeated:
+        return members, []
+    shown = ", ".join(list(repeated)[:5])
+    note = f"{archive.name} stores {len(repeated)} members twice with the same content, extracted once: {shown}"
+    return [infos[0] for infos in by_name.values()], [note]
 
 
 def _too_big(archive: Path, size: int, compressed: int, max_bytes: int, max_ratio: float) -> str:

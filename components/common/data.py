@@ -67,12 +67,22 @@ def find_root(folder: Path, shown_as: Path | None = None) -> Path:
 
 
 def _find_csv(root: Path) -> Path | None:
+    """The CSV that lists the images: ``headgear.csv`` (or ``headgear.csv.csv``), else any CSV
+    with the columns `CSV_COLUMNS`, in any order and beside others. A CSV that has some of them
+    but not all is refused, naming what it lacks; one with none of them is not a listing."""
     for name in CSV_NAMES:
         if (root / name).is_file():
             return root / name
     for path in sorted(root.glob("*.csv")):
-        if list(_read_csv(path, nrows=0)[0].columns.str.strip()) == CSV_COLUMNS:
+        columns = set(_read_csv(path, nrows=0)[0].columns.str.strip())
+        if set(CSV_COLUMNS) <= columns:
             return path
+        if columns & set(CSV_COLUMNS):
+            missing = [column for column in CSV_COLUMNS if column not in columns]
+            raise DataError(
+                f"{path} lists images but lacks the columns {missing}; a listing needs {', '.join(CSV_COLUMNS)} "
+                f"(in any order; other columns are ignored)"
+            )
     return None
 
 
@@ -112,6 +122,9 @@ def read_listing(root: Path) -> Listing:
         missing = [column for column in CSV_COLUMNS if column not in frame.columns]
         if missing:
             raise DataError(f"{csv} lacks the columns {missing}; expected {', '.join(CSV_COLUMNS)}")
+        extra = [column for column in frame.columns if column not in CSV_COLUMNS]
+        if extra:
+            notes.append(f"{csv.name}: columns ignored: {_some([str(column) for column in extra])}")
         frame = frame[CSV_COLUMNS].copy()
         empty = frame.isna() | frame.astype(str).apply(lambda column: column.str.strip() == "")
         if empty.any(axis=None):
@@ -275,8 +288,9 @@ def prepare(source: Path, store: Path, strict: bool = False) -> DataVersion:
     if is_prepared(source):
         return load_version(source)
     with tempfile.TemporaryDirectory(prefix="headgear-") as scratch:
+        extracted_notes = []
         if source.is_file() and zipfile.is_zipfile(source):
-            safe_extract(source, Path(scratch))
+            extracted_notes = safe_extract(source, Path(scratch))
             root = find_root(Path(scratch), shown_as=source)
         elif source.is_dir():
             root = find_root(source)
@@ -288,7 +302,7 @@ def prepare(source: Path, store: Path, strict: bool = False) -> DataVersion:
         if bad and strict:
             raise DataError(f"bad file {bad[0]['path']}: {bad[0]['reason']} (drop --strict to skip bad files)")
         duplicates = find_duplicates(good)
-        notes = list(listing.notes)
+        notes = extracted_notes + listing.notes
         if duplicates:
             shown = _some([" = ".join(group) for group in duplicates])
             notes.append(f"{len(duplicates)} sets of identical images under different names, kept: {shown}")
@@ -298,17 +312,45 @@ def prepare(source: Path, store: Path, strict: bool = False) -> DataVersion:
         good = good[CSV_COLUMNS]
         target = Path(store) / version
         if not is_prepared(target):
-            partial = Path(store) / f".{version}.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            for relative in good["filepaths"]:
-                (partial / relative).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(root / relative, partial / relative)
-            good.to_csv(partial / INDEX, index=False)
             manifest = _manifest(version, str(source), good, bad, duplicates, notes)
-            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            shutil.rmtree(target, ignore_errors=True)
-            partial.rename(target)  # a version folder is either complete or absent
+            _store(root, good, manifest, target)
     return load_version(target)
+
+
+def _store(root: Path, good: pd.DataFrame, manifest: dict, target: Path) -> None:
+    """Copies a version into the store, in a folder of this process's own that is renamed to
+    ``target`` once complete: a version folder is either complete or absent, also while several
+    runs prepare the same data into one store (the first to finish provides it). The folders of
+    processes that died on the way are removed."""
+    for stale in target.parent.glob(f".{target.name}.*.partial"):
+        pid = stale.name.split(".")[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    partial = target.parent / f".{target.name}.{os.getpid()}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    for relative in good["filepaths"]:
+        (partial / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / relative, partial / relative)
+    good.to_csv(partial / INDEX, index=False)
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if target.exists() and not is_prepared(target):  # a folder of an older layout, or a foreign one
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        partial.rename(target)
+    except OSError:
+        if not is_prepared(target):  # not another run's finished copy: a real failure
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def is_prepared(folder: Path) -> bool:
