@@ -25,6 +25,7 @@ from components.common.errors import DataError
 from components.common.images import decode_split
 from components.common.metrics import accuracy, predict
 from components.common.plots import confusion_figure, image_grid_figure
+from components.common.presets import check_image_size
 from components.common.tracking import open_task
 from model import ViT
 
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-json", type=cli.output_file, required=True, help="where the metrics go")
     cli.add_device_flag(parser)
     args = parser.parse_args(argv)
+    if args.image_size:
+        patch = cli.run(parser, checkpoints.patch_size, args.checkpoint)
+        cli.run(parser, check_image_size, args.image_size, patch, "--image-size")
     cli.run(parser, check_source, args.data)
     result = cli.run(
         parser, evaluate, args.checkpoint, args.data, args.output_json, args.image_size, args.device, args.split

@@ -32,14 +32,20 @@ def kaggle_credentials_present() -> bool:
     return any((folder / name).is_file() for folder in folders for name in ("kaggle.json", "access_token"))
 
 
-def download_from_kaggle(target: Path) -> Path:
-    """The archive of the Kaggle data set, downloaded into ``target``."""
+def check_kaggle_credentials(flag: str = "--source") -> None:
+    """Raises a DataError, saying where credentials go, when this machine has none for Kaggle;
+    ``flag`` is where a local archive would go instead."""
     if not kaggle_credentials_present():
         raise DataError(
             "no Kaggle credentials found: set KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN), or put "
-            "kaggle.json in ~/.kaggle/ (https://www.kaggle.com/settings/api), or pass a local archive with "
-            "--source PATH.zip"
+            "kaggle.json in ~/.kaggle/ (https://www.kaggle.com/settings/api), or pass a local archive "
+            f"({flag} PATH.zip)"
         )
+
+
+def download_from_kaggle(target: Path) -> Path:
+    """The archive of the Kaggle data set, downloaded into ``target``."""
+    check_kaggle_credentials()
     with contextlib.redirect_stdout(io.StringIO()):
         from kaggle.api.kaggle_api_extended import KaggleApi
     api = KaggleApi()

@@ -48,7 +48,7 @@ from components.common.data import DataVersion, check_source, resolve
 from components.common.devices import pick_device
 from components.common.images import decode_split, to_input
 from components.common.metrics import correct, logit_metrics, predict, split_metrics
-from components.common.presets import HIGHRES_SIZE, FinetuneConfig
+from components.common.presets import HIGHRES_SIZE, FinetuneConfig, check_image_size
 from components.common.resize import calibrate_attention, chosen, finetune, interpolate_finetune
 from components.common.resize_figures import Curve, attention_comparison, report_figures
 from components.common.tracking import Tracker, open_task
@@ -376,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-json", type=cli.output_file, required=True, help="where the results go")
     cli.add_device_flag(parser)
     args = parser.parse_args(argv)
+    patch = cli.run(parser, checkpoints.patch_size, args.checkpoint)
+    cli.run(parser, check_image_size, args.image_size, patch, "--image-size")
     cli.run(parser, check_source, args.data)
     settings = {name: getattr(args, f"finetune_{name}") for name in FinetuneConfig.SETTINGS}
     tuning = cli.run(parser, FinetuneConfig, **settings)

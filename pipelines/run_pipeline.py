@@ -28,7 +28,9 @@ from pathlib import Path
 from components.common import cli, tracking
 from components.common.data import KAGGLE, check_source, resolve
 from components.common.errors import INPUT_ERRORS, ConfigError
+from components.common.init_weights import check_timm_source
 from components.common.presets import HIGHRES_SIZE, PRESETS, FinetuneConfig
+from components.fetch_data import check_kaggle_credentials
 from pipelines import server
 from pipelines.dag import PARAMETER_HELP, default_highres_size
 from pipelines.local import run_local
@@ -123,11 +125,16 @@ def add_placement_flags(group) -> None:
 def check_inputs(params: dict, mode: str) -> None:
     """Refuses, in seconds and before the first step, a data source or an initial-weights source
     the steps could not use."""
-    if mode == "local" or Path(params["data"]).exists():  # in server mode anything else names a ClearML Dataset
-        check_source(params["data"], allow_kaggle=True)
-    elif params["data"] != KAGGLE:
-        tracking.check_dataset(params["data"])
-    init = params["init"]
+    data = params["data"]
+    if mode == "local" or Path(data).exists():  # in server mode anything else names a ClearML Dataset
+        check_source(data, allow_kaggle=True)
+    elif data != KAGGLE:
+        tracking.check_dataset(data)
+    if mode == "local" and data == KAGGLE:  # on agents the credentials are theirs
+        check_kaggle_credentials("--data")
+    init = params["init"] or PRESETS[params["preset"]].init
+    if init.startswith("timm:") and mode == "local":  # on agents the download is theirs to make
+        check_timm_source(init)
     if init and not init.startswith("timm:"):
         if mode == "server" and Path(init).exists():
             raise ConfigError(

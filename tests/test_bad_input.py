@@ -219,15 +219,18 @@ def run_pipeline(*args):
         (["--highres-size", "0"], "argument --highres-size: expected a whole number of 1 or more"),
         (["--data", "no-such-archive.zip"], "data source 'no-such-archive.zip' is not a file or folder here"),
         (["--data", "README.md"], "README.md is a file but not a zip archive"),
-        (["--init", "no-such-weights.pt"], "--init no-such-weights.pt: no such file"),
+        (["--data", "{layout}", "--init", "no-such-weights.pt"], "--init no-such-weights.pt: no such file"),
         (["--output", "README.md"], "argument --output: README.md is a file, not a folder"),
     ],
 )
 def test_the_pipeline_checks_its_inputs_before_the_first_step(tmp_path, args, message):
     import time
 
+    layout = str(make_layout(tmp_path / "data", per_split=(2, 1, 1)))  # where a case needs good data
     started = time.monotonic()
-    result = run_pipeline("--output", tmp_path / "run", "--preset", "smoke", *args)
+    result = run_pipeline(
+        "--output", tmp_path / "run", "--preset", "smoke", *(arg.format(layout=layout) for arg in args)
+    )
     assert message in error_line(result, "run_pipeline")
     assert time.monotonic() - started < 30  # no step ran: the attention benchmark alone takes longer
     assert not (tmp_path / "run" / "steps").exists()

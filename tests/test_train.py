@@ -214,7 +214,7 @@ def test_a_damaged_or_foreign_checkpoint_says_what_is_wrong(tmp_path):
     torch.save({"model": {}, "config": Path("x")}, tmp_path / "objects.pt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     expected = {
-        "cut.pt": "is not a readable checkpoint .*best.pt beside it, or train into a new --output",
+        "cut.pt": "is not a readable checkpoint .*pass a .pt file that train wrote",
         "notes.pt": "is not a readable checkpoint",
         "objects.pt": "holds objects other than weights",
         "other.pt": "is not a checkpoint of this project",

@@ -29,6 +29,11 @@ def side(model: ViT) -> int:
     return model.image_size[0]
 
 
+def patch_size(reference: str | Path) -> int:
+    """The patch size of a checkpoint's model, read before the model is built."""
+    return int(load(reference)["config"]["patch_size"])
+
+
 def is_checkpoint(loaded) -> bool:
     """Whether what a file held is one of `payload`'s."""
     return isinstance(loaded, dict) and {"model", "config"} <= set(loaded)
@@ -102,31 +107,32 @@ def local_copy(reference: str | Path, role: str = "checkpoint") -> Path:
     return registered_model(str(reference), role)
 
 
-def read_weights(path: Path):
+PASS_ANOTHER = "pass a .pt file that train wrote"  # what to do instead, where a checkpoint is asked for
+
+
+def read_weights(path: Path, advice: str = PASS_ANOTHER):
     """What ``torch.save`` wrote to ``path``, read without running any code it might hold; a file
-    that is damaged, of another kind or holds objects is a `CheckpointError`."""
+    that is damaged, of another kind or holds objects is a `CheckpointError` that ends with
+    ``advice``, what to do instead where the file was asked for."""
     if not zipfile.is_zipfile(path):  # what torch.save writes; a cut-off file has lost its directory
         raise CheckpointError(
-            f"{path} is not a readable checkpoint (damaged, cut off or another kind of file); pass a .pt file "
-            f"that train wrote (a damaged last.pt has best.pt beside it, or train into a new --output)"
+            f"{path} is not a readable checkpoint (damaged, cut off or another kind of file); {advice}"
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # weights_only refuses objects other than tensors and plain values
         raise CheckpointError(
-            f"{path} holds objects other than weights, which are not loaded (they could run code); pass a .pt "
-            f"file that train wrote"
+            f"{path} holds objects other than weights, which are not loaded (they could run code); {advice}"
         ) from None
     except RuntimeError as error:  # a damaged zip record
-        raise CheckpointError(
-            f"{path} is damaged ({first_line(error)}); use the best.pt beside it, or train into a new --output"
-        ) from None
+        raise CheckpointError(f"{path} is damaged ({first_line(error)}); {advice}") from None
 
 
-def load(reference: str | Path) -> dict:
-    """A checkpoint of this project, read without running any code it might hold."""
+def load(reference: str | Path, advice: str = PASS_ANOTHER) -> dict:
+    """A checkpoint of this project, read without running any code it might hold; refused with
+    ``advice`` (see `read_weights`)."""
     path = local_copy(reference)
-    checkpoint = read_weights(path)
+    checkpoint = read_weights(path, advice)
     if not is_checkpoint(checkpoint):
         raise CheckpointError(f"{path} is not a checkpoint of this project (it lacks 'model' and 'config')")
     return checkpoint

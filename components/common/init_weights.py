@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from components.common import checkpoints
-from components.common.errors import CheckpointError, ConfigError
+from components.common.errors import CheckpointError, ConfigError, first_line
 from model import MODEL_PRESETS, resize_pos_embed
 from model.timm_convert import architecture_from_timm_state, config_from_timm, state_dict_from_timm, timm_state_to_ours
 
@@ -67,7 +67,7 @@ def _read(source: str) -> tuple[dict, dict, tuple[int, int], str]:
             f"state dict or a checkpoint of this project, or (with a ClearML server) a model id"
         ) from None
     try:
-        loaded = checkpoints.read_weights(path)
+        loaded = checkpoints.read_weights(path, "pass a .pt file that train wrote or a timm state dict, or timm:<name>")
     except CheckpointError as error:
         raise ConfigError(f"--init {source}: {error}") from None
     if checkpoints.is_checkpoint(loaded):
@@ -90,19 +90,56 @@ def _read(source: str) -> tuple[dict, dict, tuple[int, int], str]:
     return timm_state_to_ours(loaded), architecture, grid, f"timm state dict {source}"
 
 
+HUB_TIMEOUT_S = 5.0
+TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's repositories on the Hub hold
+
+
+def hub_answers(timeout_s: float = HUB_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face Hub, where timm's pretrained weights come from, answers at all."""
+    import requests
+    from huggingface_hub import constants
+
+    try:
+        requests.head(constants.ENDPOINT, timeout=timeout_s)
+    except requests.RequestException:
+        return False
+    return True
+
+
+def check_timm_source(source: str) -> None:
+    """Refuses, in seconds, ``timm:<name>`` weights this machine cannot have: the Hugging Face Hub
+    does not answer and they are not in its cache (timm keeps its weights on the Hub, in the
+    repository ``timm/<name>``)."""
+    if hub_answers():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    name = source.removeprefix("timm:")
+    if not any(isinstance(try_to_load_from_cache(f"timm/{name}", file), str) for file in TIMM_WEIGHT_FILES):
+        raise ConfigError(
+            f"--init {source}: the Hugging Face Hub did not answer within {HUB_TIMEOUT_S:g} s and these weights are "
+            f"not in its cache here; run where the Hub can be reached, or pass a file holding the weights"
+        )
+
+
 def _from_timm(source: str) -> tuple[dict, dict, tuple[int, int], str]:
     name = source.removeprefix("timm:")
     try:
         import timm
     except ImportError:
         raise ConfigError(f"--init {source}: timm is not installed; pip install timm, or pass a local file") from None
+    reachable = hub_answers()
+    if not reachable:  # only weights already in the cache, at once: no download, no retries
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True
     try:
         model = timm.create_model(name, pretrained=True)
     except Exception as error:  # unknown name, no internet, no such weights: timm raises many kinds
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        unreachable = "" if reachable else f"; the Hugging Face Hub did not answer within {HUB_TIMEOUT_S:g} s"
         raise ConfigError(
-            f"--init {source}: timm could not give its pretrained weights ({reason}); the download needs the "
-            f"internet (the Hugging Face Hub), else save them where it works and pass the file"
+            f"--init {source}: timm could not give its pretrained weights ({first_line(error)}{unreachable}); the "
+            f"download needs the internet (the Hugging Face Hub), else save them where it works and pass the file"
         ) from None
     try:
         config = config_from_timm(model)

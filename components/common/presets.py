@@ -167,7 +167,16 @@ def preset(name: str, **overrides) -> TrainConfig:
             least = "above 0" if setting.name in POSITIVE else "0 or more"
             raise ConfigError(f"--{setting.name.replace('_', '-')} must be {least}, got {value}")
     check_crop_scale(config.crop_scale, "--crop-scale")
+    check_image_size(config.image_size, architecture(config)["patch_size"], "--image-size")
     return config
+
+
+def check_image_size(size: int, patch_size: int, flag: str) -> None:
+    """A ViT cuts its images into whole patches."""
+    if size % patch_size:
+        lower, higher = size // patch_size * patch_size, (size // patch_size + 1) * patch_size
+        nearest = f"{lower} or {higher}" if lower else str(higher)
+        raise ConfigError(f"{flag} {size} is not a multiple of the patch size {patch_size}; e.g. {nearest}")
 
 
 def architecture(config: TrainConfig) -> dict:

@@ -219,7 +219,8 @@ class TrainingState:
         if not path.is_file():
             print(f"--resume: no checkpoint at {path}, starting from scratch")
             return None
-        saved = checkpoints.load(path)
+        advice = "a damaged last.pt has best.pt beside it: --init it into a new --output, or --overwrite to start over"
+        saved = checkpoints.load(path, advice)
         if saved["train_config"] != asdict(config):
             raise ConfigError(
                 f"--resume: {path} was trained with other settings; resume with the same preset and "
