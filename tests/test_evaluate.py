@@ -13,7 +13,7 @@ from PIL import Image
 from components.common import checkpoints
 from components.evaluate import evaluate, per_class_report
 from model import ViT, model_config
-from tests.conftest import CLASSES, make_layout
+from tests.archives import CLASSES, make_layout
 
 
 @pytest.fixture

@@ -17,7 +17,9 @@ import torch
 from components.common.tracking import child_environment
 from pipelines.dag import DAG, default_highres_size
 from pipelines.server import step_queues
-from tests.conftest import REPO, SHAPE_CLASSES, SHAPES_PER_SPLIT, closed_port, make_layout
+from tests.archives import SHAPE_CLASSES, SHAPES_PER_SPLIT, make_layout
+from tests.ports import closed_port
+from tests.repository import REPO
 from tests.sessions import read_session, scalars
 
 SUMMARY_KEYS = {

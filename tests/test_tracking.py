@@ -13,7 +13,8 @@ import pytest
 
 from components.common.errors import TrackingError
 from components.common.tracking import check_server, open_task, server_configured
-from tests.conftest import REPO, closed_port
+from tests.ports import closed_port
+from tests.repository import REPO
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from components.common.errors import CheckpointError
 from components.common.presets import PRESETS, preset
 from components.common.training import learning_rate
 from components.train import train
-from tests.conftest import make_layout, write_image
+from tests.archives import make_layout, write_image
+from tests.repository import REPO
 from tests.sessions import read_session, scalars
 
 
@@ -310,7 +311,6 @@ def test_a_terminated_run_stops_promptly_and_resumes_from_its_checkpoint(tmp_pat
     import time
 
     from components.common.tracking import child_environment
-    from tests.conftest import REPO
 
     data = str(make_layout(tmp_path / "data", per_split=(64, 4, 4)))
     command = [
@@ -354,7 +354,6 @@ def test_the_readme_lists_every_training_flag():
     from dataclasses import fields
 
     from components.common.presets import TrainConfig
-    from tests.conftest import REPO
 
     readme = (REPO / "README.md").read_text()
     missing = [f.name for f in fields(TrainConfig) if f"`--{f.name.replace('_', '-')}`" not in readme]
