@@ -228,53 +228,46 @@ def dry_run(folder: Path, *args: str) -> dict:
     return built
 
 
-def test_the_server_mode_pipeline_has_the_dag_types_queues_image_and_parameters(tmp_path):
+IMAGE, GIT_URL, COMMIT = "registry.example/headgear-vit:1", "https://git.example/headgear-vit.git", "0123abc"
+OUTPUT_URI = "https://files.example.com/headgear"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict:
+    """The server-mode pipeline of a user who sends the GPU steps to ``a100``, the others to
+    ``cpu`` and the benchmark to ``gpu-small``, with an image, repository, commit and upload
+    destination of their own."""
+    folder = tmp_path_factory.mktemp("dry-run") / "dry"
     built = dry_run(
-        tmp_path / "dry",
-        "--data",
-        "kaggle",
-        "--cpu-queue",
-        "cpu",
-        "--step-queue",
-        "benchmark_attention=gpu-small",
-        "--docker-image",
-        "registry.example/headgear-vit:1",
-        "--repo",
-        "https://git.example/headgear-vit.git",
-        "--commit",
-        "0123abc",
-        "--output-uri",
-        "https://files.example.com/headgear",
-    )
-    steps = {name: built[name] for name in DAG}
-    assert list(DAG) == ["fetch_data", "train", "evaluate", "highres", "benchmark_attention", "summary"]
-    nodes = {name: task["pipeline"] for name, task in steps.items()}
-    assert nodes["train"]["parents"] == ["fetch_data"]
-    assert set(nodes["evaluate"]["parents"]) == set(nodes["highres"]["parents"]) == {"fetch_data", "train"}
-    assert nodes["benchmark_attention"]["parents"] == []
-    assert set(nodes["summary"]["parents"]) == {"fetch_data", "train", "evaluate", "highres", "benchmark_attention"}
-    assert {name: task["type"] for name, task in steps.items()} == {
-        "fetch_data": "data_processing",
-        "train": "training",
-        "evaluate": "testing",
-        "highres": "testing",
-        "benchmark_attention": "qc",
-        "summary": "custom",
-    }
-    # queues are pipeline parameters, so a controller re-run by an agent (or from the UI) keeps them
-    assert {name: node["queue"] for name, node in nodes.items()} == {
+        folder,
+        "--data", "kaggle",
+        "--queue", "a100", "--cpu-queue", "cpu", "--step-queue", "benchmark_attention=gpu-small",
+        "--docker-image", IMAGE, "--repo", GIT_URL, "--commit", COMMIT, "--output-uri", OUTPUT_URI,
+    )  # fmt: skip
+    return {**built, "folder": folder, "nodes": {name: built[name]["pipeline"] for name in DAG}}
+
+
+def test_each_steps_queue_is_a_pipeline_parameter(built):
+    # so that a controller re-run by an agent (or from the web UI) keeps them
+    assert {name: node["queue"] for name, node in built["nodes"].items()} == {
         name: f"${{pipeline.queue_{name}}}" for name in DAG
     }
+
+
+def test_the_queue_parameters_are_those_of_queue_cpu_queue_and_step_queue(built):
     parameters = built["pipeline"]["parameters"]
     assert {name: parameters[f"queue_{name}"] for name in DAG} == {
         "fetch_data": "cpu",
-        "train": "gpu",
-        "evaluate": "gpu",
-        "highres": "gpu",
+        "train": "a100",
+        "evaluate": "a100",
+        "highres": "a100",
         "benchmark_attention": "gpu-small",
         "summary": "cpu",
     }
-    assert set(parameters) == {
+
+
+def test_the_pipeline_parameters_are_what_a_controller_run_by_an_agent_needs(built):
+    assert set(built["pipeline"]["parameters"]) == {
         "data",
         "preset",
         "epochs",
@@ -286,37 +279,64 @@ def test_the_server_mode_pipeline_has_the_dag_types_queues_image_and_parameters(
         "output_uri",
         *(f"queue_{name}" for name in DAG),
     }  # no output folder, no mode: nothing that means nothing on an agent
+    for node in built["nodes"].values():
+        assert not any(key.endswith(("/output", "/mode")) for key in node["parameters"])
+
+
+def test_the_output_uri_is_a_pipeline_parameter(built):
     # where the steps upload: a parameter, so that a controller re-run by an agent keeps it
-    assert parameters["output_uri"] == "https://files.example.com/headgear"
-    for task in steps.values():
-        assert task["container"]["image"] == "registry.example/headgear-vit:1"
-        assert task["script"]["repository"] == "https://git.example/headgear-vit.git"
-        assert task["script"]["version_num"] == "0123abc"
-        assert "auto_connect_frameworks=False" in task["script"]["diff"]  # no model entry per torch.save
-        assert not any(key.endswith(("/output", "/mode")) for key in task["pipeline"]["parameters"])
-    assert nodes["fetch_data"]["cache_executed_step"] and not nodes["train"]["cache_executed_step"]
+    assert built["pipeline"]["parameters"]["output_uri"] == OUTPUT_URI
+
+
+def test_every_step_runs_the_given_image_repository_and_commit(built):
+    for name in DAG:
+        task = built[name]
+        assert task["container"]["image"] == IMAGE, name
+        assert (task["script"]["repository"], task["script"]["version_num"]) == (GIT_URL, COMMIT), name
+
+
+def test_no_step_script_connects_the_frameworks(built):
+    for name in DAG:  # else every torch.save would register a model of its own
+        assert "auto_connect_frameworks=False" in built[name]["script"]["diff"], name
+
+
+def test_fetch_data_alone_is_cached_and_on_its_source_alone(built):
     # the cache hashes fetch_data's parameters: only the data source, the same on every run
+    nodes = built["nodes"]
     assert nodes["fetch_data"]["parameters"] == {"kwargs/source": "${pipeline.data}"}
-    assert nodes["train"]["parameters"]["kwargs/preset"] == "${pipeline.preset}"
-    assert nodes["train"]["parameters"]["kwargs/init"] == "${pipeline.init}"  # --init, in both modes
+    assert [name for name, node in nodes.items() if node["cache_executed_step"]] == ["fetch_data"]
+
+
+def test_the_steps_hand_on_references_to_earlier_steps_returns(built):
+    nodes = built["nodes"]
     assert nodes["train"]["parameters"]["kwargs_artifacts/data"] == "${fetch_data.id}.data"
     assert nodes["highres"]["parameters"]["kwargs_artifacts/checkpoint"] == "${train.id}.checkpoint"
-    # the pipeline page shows the results
+
+
+def test_training_takes_the_preset_and_the_initial_weights_from_the_pipeline_parameters(built):
+    parameters = built["nodes"]["train"]["parameters"]
+    assert parameters["kwargs/preset"] == "${pipeline.preset}"
+    assert parameters["kwargs/init"] == "${pipeline.init}"  # --init, in both modes
+
+
+def test_the_pipeline_page_shows_the_results_and_the_models(built):
+    nodes = built["nodes"]
     assert nodes["evaluate"]["monitor_metrics"] == [["results", "test accuracy @ training size"]]
     assert ["results", "test accuracy @ high res, fine-tuned"] in nodes["highres"]["monitor_metrics"]
     assert ["results", "best speed-up of fused over separate QKV"] in nodes["benchmark_attention"]["monitor_metrics"]
-    assert nodes["train"]["monitor_models"] == ["train"]  # each model is named after its step on the step's task
-    assert nodes["highres"]["monitor_models"] == ["highres"]
+    # each model is named after its step on the step's task
+    assert {name: node["monitor_models"] for name, node in nodes.items() if node["monitor_models"]} == {
+        "train": ["train"],
+        "highres": ["highres"],
+    }
 
 
-def test_every_generated_step_script_compiles(tmp_path):
+def test_every_generated_step_script_compiles(built):
     # The agent writes the stored script out as <function>.py and runs it: a `from __future__`
     # import in pipelines/steps.py, copied after ClearML's header, is a SyntaxError there.
-    dry_run(tmp_path / "dry", "--repo", "https://git.example/headgear-vit.git", "--commit", "0123abc")
     for name in DAG:
-        task = json.loads((tmp_path / "dry" / name / "task.json").read_text())
-        script = tmp_path / "dry" / name / task["script"]["entry_point"]
-        assert script.read_text() == task["script"]["diff"]
+        script = built["folder"] / name / built[name]["script"]["entry_point"]
+        assert script.read_text() == built[name]["script"]["diff"]
         compile(script.read_text(), str(script), "exec")
 
 
