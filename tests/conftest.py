@@ -1,77 +1,46 @@
-"""Shared fixtures: archives in the headgear layout made with real JPEGs (among them one a
-small model learns in seconds), and a ClearML that never talks to a server (offline sessions
-under a temporary folder)."""
+"""Shared fixtures, and the environment every test runs in: a ClearML that never talks to a
+server (offline sessions under a scratch folder), no Kaggle or ClearML secrets, and a data
+store of its own. The archives the fixtures build come from ``tests/archives.py``."""
 
 from __future__ import annotations
 
-import io
 import os
-import socket
+import shutil
+import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image, ImageDraw
 
-REPO = Path(__file__).resolve().parents[1]
-_SCRATCH = Path(tempfile.mkdtemp(prefix="headgear-tests-"))
-# Before anything imports clearml: tests never reach a server, even where one is configured.
-os.environ["CLEARML_OFFLINE_MODE"] = "1"
-os.environ["CLEARML_CONFIG_FILE"] = str(REPO / "components" / "common" / "clearml-offline.conf")
-os.environ["CLEARML_CACHE_DIR"] = str(_SCRATCH / "clearml-cache")
-os.environ["HEADGEAR_DATA_STORE"] = str(_SCRATCH / "store")
-for secret in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "CLEARML_API_HOST"):
-    os.environ.pop(secret, None)
-os.environ["KAGGLE_CONFIG_DIR"] = str(_SCRATCH / "no-kaggle-config")
+from tests.archives import make_layout, make_shapes_archive
+from tests.repository import REPO
 
-# The 3,600-image Fashion-MNIST stand-in is not part of the repository: the tests that make a
-# claim only that many images support run when it is named.
-FASHION_ZIP = Path(
-    os.environ.get("HEADGEAR_FASHION_ZIP", REPO.parent / "shared" / "data" / "fashion-mnist-headgear-layout.zip")
-)
-CLASSES = ["BASEBALL CAP", "BERET", "ZUCCHETTO"]
+SECRETS = ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "CLEARML_API_HOST")
 
 
-def closed_port() -> int:
-    """A local port nothing listens on: where a ClearML server is configured but absent."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def pytest_configure(config):
+    """Before any test module is imported: ClearML reads its mode and configuration when it is
+    imported, so it must not be imported before this."""
+    if "clearml" in sys.modules:
+        raise pytest.UsageError(
+            "clearml was imported before the tests set ClearML offline; nothing may import it first"
+        )
+    config.saved_environment = dict(os.environ)
+    config.scratch = Path(tempfile.mkdtemp(prefix="headgear-tests-"))
+    os.environ["CLEARML_OFFLINE_MODE"] = "1"  # tests never reach a server, even where one is configured
+    os.environ["CLEARML_CONFIG_FILE"] = str(REPO / "components" / "common" / "clearml-offline.conf")
+    os.environ["CLEARML_CACHE_DIR"] = str(config.scratch / "clearml-cache")
+    os.environ["HEADGEAR_DATA_STORE"] = str(config.scratch / "store")
+    for secret in SECRETS:
+        os.environ.pop(secret, None)
+    os.environ["KAGGLE_CONFIG_DIR"] = str(config.scratch / "no-kaggle-config")
 
 
-def write_image(path: Path, seed: int, size: int = 40, mode: str = "RGB", fmt: str = "JPEG") -> None:
-    """A real image whose colour depends on the class (so a model can learn it) plus noise."""
-    rng = np.random.default_rng(seed)
-    base = np.array([(seed % 3) * 100, 80, 200 - (seed % 3) * 90], dtype=np.int16)
-    pixels = np.clip(base + rng.integers(-40, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).convert(mode).save(path, format=fmt)
-
-
-def make_layout(root: Path, per_split=(8, 3, 3), classes=CLASSES, csv_name="headgear.csv", extra_rows=()) -> Path:
-    """A folder in the headgear archive's layout with a CSV; returns the folder."""
-    rows = ["class id,filepaths,labels,data set"]
-    for split_index, (split, count) in enumerate(zip(("train", "valid", "test"), per_split)):
-        for class_id, label in enumerate(classes):
-            for i in range(count):
-                relative = f"{split}/{label}/{i + 1:03d}.jpg"
-                write_image(root / relative, seed=class_id + 3 * (i + 1000 * split_index))  # no image twice
-                rows.append(f"{class_id},{relative},{label},{split}")
-    rows.extend(extra_rows)
-    if csv_name:
-        (root / csv_name).write_text("\n".join(rows) + "\n")
-    (root / "EfficientNetB0-headgear.h5").write_bytes(b"not an image, ignored")
-    return root
-
-
-def zip_folder(folder: Path, archive: Path, prefix: str = "") -> Path:
-    with zipfile.ZipFile(archive, "w") as zf:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                zf.write(path, prefix + path.relative_to(folder).as_posix())
-    return archive
+def pytest_unconfigure(config):
+    if hasattr(config, "saved_environment"):
+        os.environ.clear()
+        os.environ.update(config.saved_environment)
+        shutil.rmtree(config.scratch, ignore_errors=True)
 
 
 @pytest.fixture
@@ -79,78 +48,22 @@ def layout(tmp_path) -> Path:
     return make_layout(tmp_path / "headgear")
 
 
-# Ten classes a ViT tells apart only by looking: each a colour and a shape, drawn at a random
-# place and size on a noisy background, as 64x64 JPEGs (the smoke preset trains at 32, its
-# high-resolution checks go up to 64).
-SHAPE_CLASSES = {
-    "RED DISC": ((220, 40, 40), "disc"),
-    "GREEN SQUARE": ((40, 190, 60), "square"),
-    "BLUE TRIANGLE": ((50, 70, 220), "triangle"),
-    "YELLOW RING": ((230, 210, 40), "ring"),
-    "CYAN CROSS": ((40, 200, 210), "cross"),
-    "MAGENTA DISC": ((210, 50, 200), "disc"),
-    "ORANGE SQUARE": ((240, 140, 30), "square"),
-    "WHITE TRIANGLE": ((235, 235, 235), "triangle"),
-    "BLACK RING": ((20, 20, 20), "ring"),
-    "PURPLE CROSS": ((120, 40, 160), "cross"),
-}
-SHAPES_PER_SPLIT = {"train": 60, "valid": 12, "test": 12}  # images per class
-
-
-def draw_shape(rng: np.random.Generator, colour: tuple, shape: str, size: int = 64) -> Image.Image:
-    background = rng.integers(90, 170, 3)
-    pixels = np.clip(background + rng.normal(0, 18, (size, size, 3)), 0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels)
-    radius = rng.uniform(0.18, 0.32) * size
-    cx, cy = rng.uniform(radius, size - radius, 2)
-    box = (cx - radius, cy - radius, cx + radius, cy + radius)
-    draw = ImageDraw.Draw(image)
-    if shape == "disc":
-        draw.ellipse(box, fill=colour)
-    elif shape == "square":
-        draw.rectangle(box, fill=colour)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=colour)
-    elif shape == "ring":
-        draw.ellipse(box, outline=colour, width=max(2, int(radius / 3)))
-    else:
-        bar = radius / 3
-        draw.rectangle((cx - radius, cy - bar, cx + radius, cy + bar), fill=colour)
-        draw.rectangle((cx - bar, cy - radius, cx + bar, cy + radius), fill=colour)
-    return image
-
-
-def make_shapes_archive(archive: Path, per_split: dict = SHAPES_PER_SPLIT) -> Path:
-    """A zip in the headgear layout (``headgear.csv`` beside ``split/LABEL/NNN.jpg``) of the ten
-    shape classes, the same bytes every time."""
-    rng = np.random.default_rng(0)
-    rows = ["class id,filepaths,labels,data set"]
-    with zipfile.ZipFile(archive, "w") as zf:
-        for split, count in per_split.items():
-            for class_id, (label, (colour, shape)) in enumerate(SHAPE_CLASSES.items()):
-                for i in range(count):
-                    relative = f"{split}/{label}/{i + 1:03d}.jpg"
-                    encoded = io.BytesIO()
-                    draw_shape(rng, colour, shape).save(encoded, format="JPEG", quality=90)
-                    zf.writestr(zipfile.ZipInfo(relative, (2026, 1, 1, 0, 0, 0)), encoded.getvalue())
-                    rows.append(f"{class_id},{relative},{label},{split}")
-        zf.writestr(zipfile.ZipInfo("headgear.csv", (2026, 1, 1, 0, 0, 0)), "\n".join(rows) + "\n")
-    return archive
-
-
 @pytest.fixture(scope="session")
-def shapes_zip() -> Path:
+def shapes_zip(tmp_path_factory) -> Path:
     """The ten shape classes, built once per test session."""
-    return make_shapes_archive(_SCRATCH / "shapes-headgear-layout.zip")
+    return make_shapes_archive(tmp_path_factory.mktemp("shapes") / "shapes-headgear-layout.zip")
 
 
 @pytest.fixture
 def fashion_zip() -> Path:
-    if not FASHION_ZIP.is_file():
-        pytest.skip(
-            f"opt-in: HEADGEAR_FASHION_ZIP=<the Fashion-MNIST archive in the headgear layout> ({FASHION_ZIP} is absent)"
-        )
-    return FASHION_ZIP
+    """The 3,600-image Fashion-MNIST stand-in, which is not part of the repository: the tests
+    that make a claim only that many images support run when HEADGEAR_FASHION_ZIP names it."""
+    named = os.environ.get("HEADGEAR_FASHION_ZIP")
+    if not named:
+        pytest.skip("opt-in: set HEADGEAR_FASHION_ZIP=<the Fashion-MNIST archive in the headgear layout>")
+    if not Path(named).is_file():
+        pytest.skip(f"HEADGEAR_FASHION_ZIP={named} is not a file")
+    return Path(named)
 
 
 @pytest.fixture(scope="session")

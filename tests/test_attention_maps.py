@@ -17,7 +17,7 @@ from components.common.attention_maps import attention_figure, attention_sample
 from components.evaluate import evaluate
 from model import ATTENTION_IMPLEMENTATIONS, ViT, model_config
 from model.attention_maps import attention_maps, attention_rollout, attention_weights
-from tests.conftest import CLASSES, make_layout
+from tests.archives import CLASSES, make_layout
 
 
 def random_model(attention="sdpa", image_size=32, n_layers=2) -> ViT:

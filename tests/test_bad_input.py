@@ -19,7 +19,9 @@ import torch
 from components.common import cli
 from components.common.data import prepare
 from components.common.tracking import child_environment
-from tests.conftest import REPO, closed_port, make_layout, zip_folder
+from tests.archives import make_layout, zip_folder
+from tests.ports import closed_port
+from tests.repository import REPO
 
 # Lines that are not the component's: torch's own start-up warnings and tqdm's progress bars.
 NOISE = re.compile(r"^[IWE]\d{4} .*\] |^\S+: +\d+%\|")

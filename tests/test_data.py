@@ -15,7 +15,7 @@ from components.common.archive import safe_extract
 from components.common.data import check_source, prepare, resolve
 from components.common.errors import DataError
 from components.common.images import decode_split
-from tests.conftest import CLASSES, SHAPE_CLASSES, SHAPES_PER_SPLIT, make_layout, write_image, zip_folder
+from tests.archives import CLASSES, SHAPE_CLASSES, SHAPES_PER_SPLIT, make_layout, write_image, zip_folder
 
 
 def test_a_zip_in_the_headgear_layout_becomes_a_content_addressed_version(layout, tmp_path):

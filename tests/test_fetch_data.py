@@ -16,7 +16,8 @@ from kaggle.api.kaggle_api_extended import KaggleApi
 from components.common.errors import DataError
 from components.common.tracking import child_environment
 from components.fetch_data import KAGGLE_DATASET, fetch_data
-from tests.conftest import REPO, zip_folder
+from tests.archives import make_layout, zip_folder
+from tests.repository import REPO
 from tests.sessions import read_session
 
 SECRET = "s3cr3t-kaggle-key-5f2a"
@@ -118,7 +119,6 @@ def test_with_a_server_each_content_hash_is_registered_once_and_only_a_finished_
     # The real SDK against the server stand-in (tests/clearml_server.py), in a process of its
     # own: this one runs ClearML offline.
     from tests.clearml_server import ClearMLStandIn
-    from tests.conftest import make_layout
 
     other = make_layout(tmp_path / "other", per_split=(4, 2, 2))
     with ClearMLStandIn(tmp_path / "server") as server:

@@ -27,54 +27,94 @@ def run_highres(smoke_run, shapes_zip, tmp_path, image_size: int = 48, **finetun
     return highres(smoke_run["checkpoint"], str(shapes_zip), tmp_path / "highres.json", image_size, tuning, "cpu")
 
 
-def test_highres_switches_the_grid_evaluates_and_finetuning_lowers_the_loss(smoke_run, shapes_zip, tmp_path):
-    result = run_highres(smoke_run, shapes_zip, tmp_path, steps=30)
-    assert result["image_size"] == 48 and result["trained_image_size"] == 32
-    assert "got 48x48" in result["no_resize_error"] and "set_image_size(48)" in result["no_resize_error"]
-    for mode in VARIANTS:
-        assert 0.1 < result[f"test_accuracy_{mode}"] <= 1.0  # well above chance (0.1) after the resize
+@pytest.fixture(scope="module")
+def finetuned(smoke_run, shapes_zip, tmp_path_factory) -> dict:
+    """highres from 32 to 48 with a fine-tune of 30 steps, run once; its result and the folder
+    it wrote to."""
+    folder = tmp_path_factory.mktemp("highres")
+    return {"result": run_highres(smoke_run, shapes_zip, folder, steps=30), "folder": folder}
 
-    # the attention scale: the factor in [1, 2] with the lowest validation loss, paper's attention first
-    curve = result["attention_calibration"]
+
+def test_highres_moves_the_model_to_the_larger_grid(finetuned):
+    result = finetuned["result"]
+    assert result["image_size"] == 48 and result["trained_image_size"] == 32
+    model, _ = checkpoints.load_model(result["checkpoint"])
+    assert model.image_size == (48, 48) and model.projector.grid == (6, 6)
+
+
+def test_the_model_not_resized_refuses_the_larger_images_saying_how_to_resize(finetuned):
+    error = finetuned["result"]["no_resize_error"]
+    assert "got 48x48" in error and "set_image_size(48)" in error
+
+
+def test_every_variant_is_well_above_chance_after_the_resize(finetuned):
+    for mode in VARIANTS:
+        assert 0.1 < finetuned["result"][f"test_accuracy_{mode}"] <= 1.0, mode  # chance is 0.1
+
+
+def test_the_attention_calibration_tries_eleven_factors_from_1_to_2_each_changing_the_model(finetuned):
+    curve = finetuned["result"]["attention_calibration"]  # the paper's attention first
     assert curve[0]["factor"] == 1.0 and curve[-1]["factor"] == pytest.approx(2.0) and len(curve) == 11
-    best = min(curve, key=lambda row: row["loss"])
+    assert len({row["loss"] for row in curve}) == len(curve)
+
+
+def test_the_attention_scale_is_the_factor_with_the_lowest_validation_loss(finetuned):
+    result = finetuned["result"]
+    best = min(result["attention_calibration"], key=lambda row: row["loss"])
     assert result["attention_scale"] == best["factor"]
     if best["factor"] == 1.0:
         assert result["test_loss_bicubic_calibrated"] == pytest.approx(result["test_loss_bicubic"])
     else:
         assert result["test_loss_bicubic_calibrated"] != result["test_loss_bicubic"]
-    assert len({row["loss"] for row in curve}) == len(curve)  # each factor changed the model
-    assert result["test_loss_finetuned"] < result["test_loss_bicubic"]
-    assert len(result["finetune_losses"]) == 30
 
-    # the share of the fine-tune kept: from the bicubic start (the attention curve's first
-    # point, the same model on the same split) to the fine-tuned end, the lowest loss chosen
+
+def test_finetuning_lowers_the_test_loss(finetuned):
+    result = finetuned["result"]
+    assert len(result["finetune_losses"]) == 30
+    assert result["test_loss_finetuned"] < result["test_loss_bicubic"]
+
+
+def test_the_share_of_the_finetune_kept_has_the_lowest_validation_loss(finetuned):
+    # from the bicubic start (the attention curve's first point, the same model on the same
+    # split) to the fine-tuned end, the lowest loss chosen
+    result = finetuned["result"]
     shares = result["finetune_interpolation"]
     assert [row["factor"] for row in shares] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert shares[0]["loss"] == pytest.approx(curve[0]["loss"], rel=1e-5)
+    assert shares[0]["loss"] == pytest.approx(result["attention_calibration"][0]["loss"], rel=1e-5)
     assert result["finetune_kept"] == min(shares, key=lambda row: row["loss"])["factor"]
     if result["finetune_kept"] == 1.0:
         assert result["test_loss_finetuned_interpolated"] == pytest.approx(result["test_loss_finetuned"])
-    for plot in result["plots"]:  # each drawn, and said in words what it shows
+
+
+def test_the_saved_model_is_the_finetune_with_the_share_kept(finetuned, shapes_zip):
+    model, _ = checkpoints.load_model(finetuned["result"]["checkpoint"])
+    test_images, test_labels = decode_split(resolve(str(shapes_zip)), "test", 48)
+    saved_loss = split_metrics(model, test_images, test_labels, torch.device("cpu"))["loss"]
+    assert saved_loss == pytest.approx(finetuned["result"]["test_loss_finetuned_interpolated"], rel=1e-5)
+
+
+def test_every_plot_is_drawn_and_said_in_words(finetuned):
+    plots = finetuned["result"]["plots"]
+    for plot in plots:
         assert Path(plot["path"]).is_file() and len(plot["caption"]) > 80
-    assert {Path(plot["path"]).name for plot in result["plots"]} == {
+    assert {Path(plot["path"]).name for plot in plots} == {
         f"highres.{name}png" for name in ("", "attention.", "attention_maps.", "interpolation.", "pos_embed.")
     }
-    assert json.loads((tmp_path / "highres.json").read_text())["checkpoint"] == result["checkpoint"]
 
-    # image by image against the reference: the counts are the accuracy difference, split
+
+def test_highres_writes_its_result_to_the_json_it_is_given(finetuned):
+    written = json.loads((finetuned["folder"] / "highres.json").read_text())
+    assert written["checkpoint"] == finetuned["result"]["checkpoint"]
+
+
+def test_the_images_gained_and_lost_against_the_trained_size_add_up_to_the_accuracy_difference(finetuned, shapes_zip):
+    result = finetuned["result"]
     n_test = len(decode_split(resolve(str(shapes_zip)), "test", 32)[1])
     assert set(result["test_changes"]) == set(VARIANTS)
     for mode, change in result["test_changes"].items():
         difference = (result[f"test_accuracy_{mode}"] - result["reference_accuracy"]) * n_test
-        assert change["gained"] - change["lost"] == round(difference)
-        assert change["mcnemar_p"] == mcnemar_p(change["gained"], change["lost"])
-
-    model, saved = checkpoints.load_model(result["checkpoint"])  # the fine-tune, the share kept
-    assert model.image_size == (48, 48) and model.projector.grid == (6, 6)
-    test_images, test_labels = decode_split(resolve(str(shapes_zip)), "test", 48)
-    saved_loss = split_metrics(model, test_images, test_labels, torch.device("cpu"))["loss"]
-    assert saved_loss == pytest.approx(result["test_loss_finetuned_interpolated"], rel=1e-5)
+        assert change["gained"] - change["lost"] == round(difference), mode
+        assert change["mcnemar_p"] == mcnemar_p(change["gained"], change["lost"]), mode
 
 
 def test_highres_without_finetuning_reports_null(smoke_run, shapes_zip, tmp_path):

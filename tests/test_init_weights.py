@@ -20,7 +20,7 @@ from components.common.presets import PRESETS, architecture, preset
 from components.common.training import build_model
 from components.train import main, train
 from model import ViT, model_config
-from tests.conftest import make_layout
+from tests.archives import make_layout
 
 TINY_TEST = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)  # vit-tiny-test
 

@@ -17,7 +17,9 @@ import torch
 from components.common.tracking import child_environment
 from pipelines.dag import DAG, default_highres_size
 from pipelines.server import step_queues
-from tests.conftest import REPO, SHAPE_CLASSES, SHAPES_PER_SPLIT, closed_port, make_layout
+from tests.archives import SHAPE_CLASSES, SHAPES_PER_SPLIT, make_layout
+from tests.ports import closed_port
+from tests.repository import REPO
 from tests.sessions import read_session, scalars
 
 SUMMARY_KEYS = {
@@ -41,28 +43,50 @@ def run_pipeline(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
-def test_the_local_run_end_to_end(shapes_zip, tmp_path):
+@pytest.fixture(scope="module")
+def local_run(shapes_zip, tmp_path_factory) -> dict:
+    """The whole pipeline run once, locally, on the shape classes: its command's outcome, its
+    folder, summary.json and what each step wrote."""
+    output = tmp_path_factory.mktemp("local-run")
     run = run_pipeline(
-        "--data", str(shapes_zip), "--preset", "smoke", "--output", str(tmp_path), "--finetune-steps", "30"
+        "--data", str(shapes_zip), "--preset", "smoke", "--output", str(output), "--finetune-steps", "30"
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary) == SUMMARY_KEYS and summary["mode"] == "local"
+    written = {
+        "fetched": "fetch_data/fetch_data.json",
+        "trained": "train/train.json",
+        "evaluated": "evaluate/evaluate.json",
+        "highres": "highres/highres.json",
+        "benchmark": "benchmark_attention/benchmark.json",
+        "summary": "summary.json",
+    }
+    return {
+        "run": run,
+        "output": output,
+        **{key: json.loads((output / path).read_text()) for key, path in written.items()},
+    }
 
-    # summary.json says what the steps wrote, nothing else
-    fetched = json.loads((tmp_path / "fetch_data" / "fetch_data.json").read_text())
-    trained = json.loads((tmp_path / "train" / "train.json").read_text())
-    evaluated = json.loads((tmp_path / "evaluate" / "evaluate.json").read_text())
-    highres = json.loads((tmp_path / "highres" / "highres.json").read_text())
-    benchmark = json.loads((tmp_path / "benchmark_attention" / "benchmark.json").read_text())
-    assert summary["dataset"] == {
+
+@pytest.mark.slow
+def test_the_local_run_writes_a_summary_of_every_step(local_run):
+    assert set(local_run["summary"]) == SUMMARY_KEYS and local_run["summary"]["mode"] == "local"
+
+
+@pytest.mark.slow
+def test_the_summary_names_the_data_each_step_used(local_run, shapes_zip):
+    fetched = local_run["fetched"]
+    assert local_run["summary"]["dataset"] == {
         "source": str(shapes_zip),
         "version": fetched["version"],
         "classes": fetched["classes"],
         "counts": {split: n * len(SHAPE_CLASSES) for split, n in SHAPES_PER_SPLIT.items()},
     }
-    assert summary["train"] == {
+
+
+@pytest.mark.slow
+def test_the_summary_holds_what_training_wrote(local_run):
+    trained = local_run["trained"]
+    assert local_run["summary"]["train"] == {
         "preset": "smoke",
         "epochs": 10,  # the smoke preset's
         "image_size": 32,
@@ -70,52 +94,93 @@ def test_the_local_run_end_to_end(shapes_zip, tmp_path):
         "val_accuracy": trained["val_accuracy"],
         "checkpoint": trained["checkpoint"],
     }
-    assert summary["evaluate"] == {
+
+
+@pytest.mark.slow
+def test_the_summary_holds_what_evaluate_wrote(local_run):
+    evaluated = local_run["evaluated"]
+    assert local_run["summary"]["evaluate"] == {
         "image_size": 32,
         "test_accuracy": evaluated["test_accuracy"],
         "test_loss": evaluated["test_loss"],
     }
-    assert summary["highres"] == {
-        "image_size": 56,
-        **{
-            k: highres[k]
-            for k in (
-                "test_accuracy_bilinear",
-                "test_accuracy_bicubic",
-                "test_accuracy_bicubic_calibrated",
-                "attention_scale",
-                "test_accuracy_finetuned",
-                "finetune_kept",
-                "test_accuracy_finetuned_interpolated",
-            )
-        },
-    }
-    assert summary["benchmark"]["rows"] == benchmark["rows"] and len(benchmark["rows"]) == 16
-    assert summary["evaluate"]["test_accuracy"] > 0.3  # it learned: chance is 0.1
-    assert trained["train_loss"][-1] < trained["train_loss"][0]
 
-    # every step left an offline session that holds what it reported
-    sessions = summary["clearml"]
+
+@pytest.mark.slow
+def test_the_summary_holds_what_highres_wrote_at_the_default_size(local_run):
+    highres = local_run["highres"]
+    kept = (
+        "test_accuracy_bilinear",
+        "test_accuracy_bicubic",
+        "test_accuracy_bicubic_calibrated",
+        "attention_scale",
+        "test_accuracy_finetuned",
+        "finetune_kept",
+        "test_accuracy_finetuned_interpolated",
+    )
+    assert local_run["summary"]["highres"] == {"image_size": 56, **{key: highres[key] for key in kept}}
+
+
+@pytest.mark.slow
+def test_the_summary_holds_every_row_of_the_benchmark(local_run):
+    rows = local_run["benchmark"]["rows"]
+    assert local_run["summary"]["benchmark"]["rows"] == rows and len(rows) == 16
+
+
+@pytest.mark.slow
+def test_the_pipeline_trains_a_model_that_learned(local_run):
+    assert local_run["summary"]["evaluate"]["test_accuracy"] > 0.3  # chance is 0.1
+    assert local_run["trained"]["train_loss"][-1] < local_run["trained"]["train_loss"][0]
+
+
+@pytest.mark.slow
+def test_every_step_leaves_an_offline_session_with_what_it_reported(local_run):
+    sessions = local_run["summary"]["clearml"]
     assert set(sessions) == {"fetch_data", "train", "evaluate", "highres", "benchmark_attention", "summary"}
     assert all(Path(path).is_file() for path in sessions.values())
-    assert scalars(read_session(sessions["train"]), "loss", "train") == pytest.approx(trained["train_loss"])
-    assert scalars(read_session(sessions["evaluate"]), "accuracy", "test @ 32") == [evaluated["test_accuracy"]]
+    losses = local_run["trained"]["train_loss"]
+    assert scalars(read_session(sessions["train"]), "loss", "train") == pytest.approx(losses)
+    accuracy = local_run["evaluated"]["test_accuracy"]
+    assert scalars(read_session(sessions["evaluate"]), "accuracy", "test @ 32") == [accuracy]
     assert len(scalars(read_session(sessions["highres"]), "fine-tune loss", "train @ 56")) == 30
 
-    # the report: every plot inline with its caption, nothing fetched from outside the file, what ran
+
+@pytest.mark.slow
+def test_the_report_holds_every_plot_inline_and_fetches_nothing(local_run):
     # curves, confusion, attention maps, 384 bars, 2 curves, pos-embed, attention maps side by side, benchmark
-    report = (tmp_path / "report.html").read_text()
+    report = (local_run["output"] / "report.html").read_text()
     sources = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", report)
     assert len(sources) == 9 and all(source.startswith("data:image/png;base64,") for source in sources)
     assert not re.search(r"<link|<script|<iframe|url\(|@import", report)
-    captions = [plot["caption"] for step in (trained, evaluated, highres, benchmark) for plot in step["plots"]]
+
+
+@pytest.mark.slow
+def test_the_report_captions_every_plot(local_run):
+    report = (local_run["output"] / "report.html").read_text()
+    steps = ("trained", "evaluated", "highres", "benchmark")
+    captions = [plot["caption"] for step in steps for plot in local_run[step]["plots"]]
     assert len(captions) == 9
     assert all(f"<figcaption>{html.escape(caption)}</figcaption>" in report for caption in captions)
+
+
+@pytest.mark.slow
+def test_the_report_says_what_ran(local_run):
+    report = (local_run["output"] / "report.html").read_text()
     assert "clearml-task --import-offline-session" in report and "<dt>seed</dt><dd>0</dd>" in report
-    assert all(fact in report for fact in (fetched["version"], trained["device"], f"torch {torch.__version__}"))
-    assert "test accuracy @ 56, bicubic + fine-tuned" in run.stdout  # the table on stdout
-    assert f"fine-tuned, x{highres['finetune_kept']:.2f} of its change kept" in run.stdout
-    assert "\r" not in (tmp_path / "steps" / "train.log").read_text()  # progress bars as last shown, one line each
+    facts = (local_run["fetched"]["version"], local_run["trained"]["device"], f"torch {torch.__version__}")
+    assert all(fact in report for fact in facts)
+
+
+@pytest.mark.slow
+def test_the_results_table_is_printed_on_stdout(local_run):
+    stdout = local_run["run"].stdout
+    assert "test accuracy @ 56, bicubic + fine-tuned" in stdout
+    assert f"fine-tuned, x{local_run['highres']['finetune_kept']:.2f} of its change kept" in stdout
+
+
+@pytest.mark.slow
+def test_a_steps_log_keeps_each_progress_bar_as_last_shown(local_run):
+    assert "\r" not in (local_run["output"] / "steps" / "train.log").read_text()  # one line each
 
 
 def test_a_failing_step_skips_its_dependents_and_keeps_what_finished(tmp_path):
@@ -163,53 +228,46 @@ def dry_run(folder: Path, *args: str) -> dict:
     return built
 
 
-def test_the_server_mode_pipeline_has_the_dag_types_queues_image_and_parameters(tmp_path):
+IMAGE, GIT_URL, COMMIT = "registry.example/headgear-vit:1", "https://git.example/headgear-vit.git", "0123abc"
+OUTPUT_URI = "https://files.example.com/headgear"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict:
+    """The server-mode pipeline of a user who sends the GPU steps to ``a100``, the others to
+    ``cpu`` and the benchmark to ``gpu-small``, with an image, repository, commit and upload
+    destination of their own."""
+    folder = tmp_path_factory.mktemp("dry-run") / "dry"
     built = dry_run(
-        tmp_path / "dry",
-        "--data",
-        "kaggle",
-        "--cpu-queue",
-        "cpu",
-        "--step-queue",
-        "benchmark_attention=gpu-small",
-        "--docker-image",
-        "registry.example/headgear-vit:1",
-        "--repo",
-        "https://git.example/headgear-vit.git",
-        "--commit",
-        "0123abc",
-        "--output-uri",
-        "https://files.example.com/headgear",
-    )
-    steps = {name: built[name] for name in DAG}
-    assert list(DAG) == ["fetch_data", "train", "evaluate", "highres", "benchmark_attention", "summary"]
-    nodes = {name: task["pipeline"] for name, task in steps.items()}
-    assert nodes["train"]["parents"] == ["fetch_data"]
-    assert set(nodes["evaluate"]["parents"]) == set(nodes["highres"]["parents"]) == {"fetch_data", "train"}
-    assert nodes["benchmark_attention"]["parents"] == []
-    assert set(nodes["summary"]["parents"]) == {"fetch_data", "train", "evaluate", "highres", "benchmark_attention"}
-    assert {name: task["type"] for name, task in steps.items()} == {
-        "fetch_data": "data_processing",
-        "train": "training",
-        "evaluate": "testing",
-        "highres": "testing",
-        "benchmark_attention": "qc",
-        "summary": "custom",
-    }
-    # queues are pipeline parameters, so a controller re-run by an agent (or from the UI) keeps them
-    assert {name: node["queue"] for name, node in nodes.items()} == {
+        folder,
+        "--data", "kaggle",
+        "--queue", "a100", "--cpu-queue", "cpu", "--step-queue", "benchmark_attention=gpu-small",
+        "--docker-image", IMAGE, "--repo", GIT_URL, "--commit", COMMIT, "--output-uri", OUTPUT_URI,
+    )  # fmt: skip
+    return {**built, "folder": folder, "nodes": {name: built[name]["pipeline"] for name in DAG}}
+
+
+def test_each_steps_queue_is_a_pipeline_parameter(built):
+    # so that a controller re-run by an agent (or from the web UI) keeps them
+    assert {name: node["queue"] for name, node in built["nodes"].items()} == {
         name: f"${{pipeline.queue_{name}}}" for name in DAG
     }
+
+
+def test_the_queue_parameters_are_those_of_queue_cpu_queue_and_step_queue(built):
     parameters = built["pipeline"]["parameters"]
     assert {name: parameters[f"queue_{name}"] for name in DAG} == {
         "fetch_data": "cpu",
-        "train": "gpu",
-        "evaluate": "gpu",
-        "highres": "gpu",
+        "train": "a100",
+        "evaluate": "a100",
+        "highres": "a100",
         "benchmark_attention": "gpu-small",
         "summary": "cpu",
     }
-    assert set(parameters) == {
+
+
+def test_the_pipeline_parameters_are_what_a_controller_run_by_an_agent_needs(built):
+    assert set(built["pipeline"]["parameters"]) == {
         "data",
         "preset",
         "epochs",
@@ -221,37 +279,64 @@ def test_the_server_mode_pipeline_has_the_dag_types_queues_image_and_parameters(
         "output_uri",
         *(f"queue_{name}" for name in DAG),
     }  # no output folder, no mode: nothing that means nothing on an agent
+    for node in built["nodes"].values():
+        assert not any(key.endswith(("/output", "/mode")) for key in node["parameters"])
+
+
+def test_the_output_uri_is_a_pipeline_parameter(built):
     # where the steps upload: a parameter, so that a controller re-run by an agent keeps it
-    assert parameters["output_uri"] == "https://files.example.com/headgear"
-    for task in steps.values():
-        assert task["container"]["image"] == "registry.example/headgear-vit:1"
-        assert task["script"]["repository"] == "https://git.example/headgear-vit.git"
-        assert task["script"]["version_num"] == "0123abc"
-        assert "auto_connect_frameworks=False" in task["script"]["diff"]  # no model entry per torch.save
-        assert not any(key.endswith(("/output", "/mode")) for key in task["pipeline"]["parameters"])
-    assert nodes["fetch_data"]["cache_executed_step"] and not nodes["train"]["cache_executed_step"]
+    assert built["pipeline"]["parameters"]["output_uri"] == OUTPUT_URI
+
+
+def test_every_step_runs_the_given_image_repository_and_commit(built):
+    for name in DAG:
+        task = built[name]
+        assert task["container"]["image"] == IMAGE, name
+        assert (task["script"]["repository"], task["script"]["version_num"]) == (GIT_URL, COMMIT), name
+
+
+def test_no_step_script_connects_the_frameworks(built):
+    for name in DAG:  # else every torch.save would register a model of its own
+        assert "auto_connect_frameworks=False" in built[name]["script"]["diff"], name
+
+
+def test_fetch_data_alone_is_cached_and_on_its_source_alone(built):
     # the cache hashes fetch_data's parameters: only the data source, the same on every run
+    nodes = built["nodes"]
     assert nodes["fetch_data"]["parameters"] == {"kwargs/source": "${pipeline.data}"}
-    assert nodes["train"]["parameters"]["kwargs/preset"] == "${pipeline.preset}"
-    assert nodes["train"]["parameters"]["kwargs/init"] == "${pipeline.init}"  # --init, in both modes
+    assert [name for name, node in nodes.items() if node["cache_executed_step"]] == ["fetch_data"]
+
+
+def test_the_steps_hand_on_references_to_earlier_steps_returns(built):
+    nodes = built["nodes"]
     assert nodes["train"]["parameters"]["kwargs_artifacts/data"] == "${fetch_data.id}.data"
     assert nodes["highres"]["parameters"]["kwargs_artifacts/checkpoint"] == "${train.id}.checkpoint"
-    # the pipeline page shows the results
+
+
+def test_training_takes_the_preset_and_the_initial_weights_from_the_pipeline_parameters(built):
+    parameters = built["nodes"]["train"]["parameters"]
+    assert parameters["kwargs/preset"] == "${pipeline.preset}"
+    assert parameters["kwargs/init"] == "${pipeline.init}"  # --init, in both modes
+
+
+def test_the_pipeline_page_shows_the_results_and_the_models(built):
+    nodes = built["nodes"]
     assert nodes["evaluate"]["monitor_metrics"] == [["results", "test accuracy @ training size"]]
     assert ["results", "test accuracy @ high res, fine-tuned"] in nodes["highres"]["monitor_metrics"]
     assert ["results", "best speed-up of fused over separate QKV"] in nodes["benchmark_attention"]["monitor_metrics"]
-    assert nodes["train"]["monitor_models"] == ["train"]  # each model is named after its step on the step's task
-    assert nodes["highres"]["monitor_models"] == ["highres"]
+    # each model is named after its step on the step's task
+    assert {name: node["monitor_models"] for name, node in nodes.items() if node["monitor_models"]} == {
+        "train": ["train"],
+        "highres": ["highres"],
+    }
 
 
-def test_every_generated_step_script_compiles(tmp_path):
+def test_every_generated_step_script_compiles(built):
     # The agent writes the stored script out as <function>.py and runs it: a `from __future__`
     # import in pipelines/steps.py, copied after ClearML's header, is a SyntaxError there.
-    dry_run(tmp_path / "dry", "--repo", "https://git.example/headgear-vit.git", "--commit", "0123abc")
     for name in DAG:
-        task = json.loads((tmp_path / "dry" / name / "task.json").read_text())
-        script = tmp_path / "dry" / name / task["script"]["entry_point"]
-        assert script.read_text() == task["script"]["diff"]
+        script = built["folder"] / name / built[name]["script"]["entry_point"]
+        assert script.read_text() == built[name]["script"]["diff"]
         compile(script.read_text(), str(script), "exec")
 
 

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 
 from pipelines.dag import DAG
+from tests.archives import CLASSES, make_layout
 from tests.clearml_server import ClearMLStandIn
-from tests.conftest import CLASSES, REPO, make_layout
+from tests.repository import REPO
 
 pytestmark = pytest.mark.slow
 STEPS = list(DAG)

@@ -16,33 +16,55 @@ from components.common.errors import CheckpointError
 from components.common.presets import PRESETS, preset
 from components.common.training import learning_rate
 from components.train import train
-from tests.conftest import make_layout, write_image
+from tests.archives import make_layout, write_image
+from tests.repository import REPO
 from tests.sessions import read_session, scalars
 
 
-def test_smoke_training_learns_and_leaves_an_offline_session(smoke_run, shapes_zip):
+@pytest.fixture(scope="module")
+def smoke_session(smoke_run) -> dict:
+    """The offline session the smoke run left, read back as a server import would."""
+    return read_session(smoke_run["clearml"])
+
+
+def test_the_smoke_preset_learns_the_shape_classes(smoke_run):
     losses = smoke_run["train_loss"]
     assert len(losses) == PRESETS["smoke"].epochs
     assert losses[-1] < losses[0] * 0.9
     assert max(smoke_run["val_accuracy"]) > 0.3  # 10 classes: chance is 0.1
 
+
+def test_training_writes_what_it_returns_to_train_json(smoke_run):
     output = Path(smoke_run["checkpoint"]).parents[1]
-    assert json.loads((output / "train.json").read_text())["train_loss"] == losses
-    phases = smoke_run["seconds_by_phase"]  # where the loop's time went after the first epoch
+    assert json.loads((output / "train.json").read_text())["train_loss"] == smoke_run["train_loss"]
+
+
+def test_training_says_where_the_loops_time_went(smoke_run):
+    phases = smoke_run["seconds_by_phase"]  # after the first epoch
     assert set(phases) == {"drawing the augmentation", "training steps", "validation and checkpoints"}
-    assert phases["training steps"] > 0 and sum(phases.values()) > 0
-    session = read_session(smoke_run["clearml"])
-    assert scalars(session, "loss", "train") == pytest.approx(losses)
-    assert scalars(session, "accuracy", "valid") == pytest.approx(smoke_run["val_accuracy"])
+    assert phases["training steps"] > 0
+
+
+def test_the_session_holds_each_validations_numbers(smoke_run, smoke_session):
+    assert scalars(smoke_session, "loss", "train") == pytest.approx(smoke_run["train_loss"])
+    assert scalars(smoke_session, "accuracy", "valid") == pytest.approx(smoke_run["val_accuracy"])
+
+
+def test_the_session_holds_a_loss_and_the_throughput_every_log_every_steps(smoke_session, shapes_zip):
     n_train = resolve(str(shapes_zip)).manifest["counts"]["train"]
     steps = PRESETS["smoke"].epochs * (n_train // PRESETS["smoke"].batch_size)  # the last partial batch dropped
-    step_losses = scalars(session, "loss", "train (step)")  # every log_every steps, none lost at the end
+    step_losses = scalars(smoke_session, "loss", "train (step)")  # none lost at the end
     assert len(step_losses) == steps // PRESETS["smoke"].log_every and all(0 < loss < 5 for loss in step_losses)
-    assert len(scalars(session, "throughput", "images/s")) == len(step_losses)
-    assert session["task"]["hyperparams"]["General"]["preset"]["value"] == "smoke"
-    assert any("augmented training images" in name for name in session["files"])
-    assert any(name.endswith("best.pt") for name in session["files"])  # offline, the model is an artifact
+    assert len(scalars(smoke_session, "throughput", "images/s")) == len(step_losses)
 
+
+def test_the_session_records_the_preset_the_augmented_images_and_the_model(smoke_session):
+    assert smoke_session["task"]["hyperparams"]["General"]["preset"]["value"] == "smoke"
+    assert any("augmented training images" in name for name in smoke_session["files"])
+    assert any(name.endswith("best.pt") for name in smoke_session["files"])  # offline, the model is an artifact
+
+
+def test_the_best_checkpoint_loads_as_weights_with_its_size_and_classes(smoke_run):
     saved = checkpoints.load(smoke_run["checkpoint"])  # weights_only=True
     assert saved["config"]["image_size"] == [32, 32] and len(saved["classes"]) == 10
 
@@ -310,7 +332,6 @@ def test_a_terminated_run_stops_promptly_and_resumes_from_its_checkpoint(tmp_pat
     import time
 
     from components.common.tracking import child_environment
-    from tests.conftest import REPO
 
     data = str(make_layout(tmp_path / "data", per_split=(64, 4, 4)))
     command = [
@@ -354,7 +375,6 @@ def test_the_readme_lists_every_training_flag():
     from dataclasses import fields
 
     from components.common.presets import TrainConfig
-    from tests.conftest import REPO
 
     readme = (REPO / "README.md").read_text()
     missing = [f.name for f in fields(TrainConfig) if f"`--{f.name.replace('_', '-')}`" not in readme]

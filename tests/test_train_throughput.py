@@ -14,13 +14,12 @@ import torch
 
 from components.common.tracking import child_environment
 from model import MODEL_PRESETS
-from tests.conftest import REPO
+from tests.archives import make_layout
+from tests.repository import REPO
 
 
 @pytest.mark.slow
 def test_the_small_setting_prints_every_row(tmp_path):
-    from tests.conftest import make_layout
-
     data = make_layout(tmp_path / "data", per_split=(16, 4, 4))
     command = [
         sys.executable,
@@ -79,8 +78,6 @@ def test_count_syncs_says_it_needs_a_gpu():
 
 
 def test_profile_train_prints_the_busiest_operations(tmp_path):
-    from tests.conftest import make_layout
-
     data = make_layout(tmp_path / "data", per_split=(16, 4, 4))
     command = [sys.executable, "benchmarks/profile_train.py", "--data", str(data), "--preset", "smoke", "--epochs", "2"]
     run = subprocess.run(command, cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=300)
@@ -89,8 +86,6 @@ def test_profile_train_prints_the_busiest_operations(tmp_path):
 
 
 def test_step_breakdown_prints_every_row(tmp_path):
-    from tests.conftest import make_layout
-
     data = make_layout(tmp_path / "data", per_split=(16, 4, 4))
     command = [sys.executable, "benchmarks/step_breakdown.py", "--data", str(data), "--preset", "smoke"]
     command += ["--batch-size", "8", "--steps", "2", "--warmup", "1", "--repeats", "1", "--rand-augment", "2"]
