@@ -19,7 +19,8 @@ from components.common import checkpoints
 from components.common.data import prepare
 from components.common.errors import ConfigError, DataError
 from components.common.tracking import child_environment
-from tests.conftest import CLASSES, REPO, make_layout, zip_folder
+from tests.archives import CLASSES, make_layout, zip_folder
+from tests.repository import REPO
 from tests.test_bad_input import error_line, run
 
 
