@@ -112,6 +112,7 @@ def _is_unwritable(folder: Path) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_a_text_file_and_a_pickle_of_objects_are_refused_as_checkpoints(tmp_path, prepared):
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     torch.save({"model": {}, "config": Path("x")}, tmp_path / "objects.pt")  # unpickling it would run code
@@ -123,6 +124,7 @@ def test_a_text_file_and_a_pickle_of_objects_are_refused_as_checkpoints(tmp_path
     assert not (tmp_path / "e.json").exists()
 
 
+@pytest.mark.slow
 def test_a_damaged_last_checkpoint_on_resume_says_what_to_do(tmp_path, prepared):
     output = tmp_path / "run"
     assert run("train", "--data", prepared, "--output", output, "--epochs", "1", "--batch-size", "8").returncode == 0
@@ -152,6 +154,7 @@ def test_a_damaged_zip_member_is_named_by_fetch_data(tmp_path):
     assert "the member train/BERET/001.jpg is damaged" in line
 
 
+@pytest.mark.slow
 def test_a_full_disk_names_the_file_that_could_not_be_written_and_leaves_nothing_half_written(tmp_path, prepared):
     output = tmp_path / "run"
     result = run(
@@ -165,6 +168,7 @@ def test_a_full_disk_names_the_file_that_could_not_be_written_and_leaves_nothing
     assert not session.exists() or zipfile.is_zipfile(session)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("session_on_the_full_disk", [False, True])
 def test_a_full_disk_leaves_no_broken_offline_session(tmp_path, prepared, session_on_the_full_disk):
     # A small tmpfs is a real full disk; mounting one needs root, so elsewhere this is skipped.

@@ -183,6 +183,7 @@ def test_a_steps_log_keeps_each_progress_bar_as_last_shown(local_run):
     assert "\r" not in (local_run["output"] / "steps" / "train.log").read_text()  # one line each
 
 
+@pytest.mark.slow
 def test_a_failing_step_skips_its_dependents_and_keeps_what_finished(tmp_path):
     data = make_layout(tmp_path / "data", per_split=(16, 4, 4))
     run = run_pipeline(
@@ -350,6 +351,7 @@ def test_the_highres_size_keeps_the_papers_ratio():
     assert default_highres_size("smoke") == 56  # 32 * 384 / 224, in whole patches of 8
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_run_and_leaves_nothing_half_written(tmp_path):
     import signal
     import time

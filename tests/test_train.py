@@ -325,6 +325,7 @@ def test_an_unknown_compile_mode_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_terminated_run_stops_promptly_and_resumes_from_its_checkpoint(tmp_path):
     import signal
     import subprocess

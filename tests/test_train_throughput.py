@@ -64,6 +64,7 @@ def test_forward_flops_agree_with_torchs_flop_counter(preset, timm_name):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU it would train")
 def test_count_syncs_says_it_needs_a_gpu():
     run = subprocess.run(
@@ -77,6 +78,7 @@ def test_count_syncs_says_it_needs_a_gpu():
     assert run.returncode == 2 and "needs a CUDA device" in run.stderr
 
 
+@pytest.mark.slow
 def test_profile_train_prints_the_busiest_operations(tmp_path):
     data = make_layout(tmp_path / "data", per_split=(16, 4, 4))
     command = [sys.executable, "benchmarks/profile_train.py", "--data", str(data), "--preset", "smoke", "--epochs", "2"]
@@ -85,6 +87,7 @@ def test_profile_train_prints_the_busiest_operations(tmp_path):
     assert "Self CPU" in run.stdout and "images trained" in run.stdout
 
 
+@pytest.mark.slow
 def test_step_breakdown_prints_every_row(tmp_path):
     data = make_layout(tmp_path / "data", per_split=(16, 4, 4))
     command = [sys.executable, "benchmarks/step_breakdown.py", "--data", str(data), "--preset", "smoke"]
