@@ -239,8 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--output", type=cli.output_folder, required=True, help="folder for checkpoints/, train.json, curves.png"
     )
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
-    parser.add_argument("--overwrite", action="store_true", help="train anew where an earlier run left its checkpoints")
+    earlier_run = parser.add_mutually_exclusive_group()
+    earlier_run.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
+    earlier_run.add_argument(
+        "--overwrite", action="store_true", help="train anew where an earlier run left its checkpoints"
+    )
     cli.add_device_flag(parser)
     add_override_flags(parser)
     args = parser.parse_args(argv)

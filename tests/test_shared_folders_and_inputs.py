@@ -94,6 +94,8 @@ def test_a_finished_training_run_is_not_overwritten_unless_asked(tmp_path, data)
     line = error_line(again, "train")
     assert "holds an earlier run (checkpoints/last.pt)" in line and "--resume" in line and "--overwrite" in line
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+    both = run("train", "--data", data, "--output", tmp_path, "--resume", "--overwrite")
+    assert "argument --overwrite: not allowed with argument --resume" in error_line(both, "train")
     assert run("train", "--data", data, "--output", tmp_path, "--epochs", "1", "--overwrite").returncode == 0
 
 
