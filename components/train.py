@@ -189,7 +189,7 @@ def train(
         )
     earlier = None if resume else output / "checkpoints" / checkpoints.LAST
     advice = "pass --resume to continue it, --overwrite to train anew in its place, or another --output"
-    with claimed(output, holds_a_run=earlier, overwrite=overwrite, advice=advice):
+    with claimed(output, earlier, overwrite, advice, outputs=("checkpoints", "train.json")):
         result = run_training(data, preset_name, config, output, resume, device)
         write_json(result, output / "train.json")
     return result

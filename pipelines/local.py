@@ -57,8 +57,11 @@ def run_step(name: str, step: Step, kwargs: dict, run_dir: Path) -> tuple[dict |
             try:
                 child.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+                pass
+            finally:  # also when a second Ctrl-C cuts the grace short
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
             raise
     if child.returncode != 0 or not result_path.is_file():
         return None, tail.decode("utf-8", "replace")
@@ -70,7 +73,8 @@ def run_local(params: dict, run_dir: Path, overwrite: bool = False) -> int:
     that holds an earlier run is refused unless ``overwrite``); a failed step skips its
     dependents."""
     advice = "pass another --output, or --overwrite to run again into it"
-    with claimed(run_dir, holds_a_run=run_dir / "steps", overwrite=overwrite, advice=advice):
+    outputs = ("steps", *DAG, "summary.json", "report.html")  # what a run writes (each step into its own folder)
+    with claimed(run_dir, run_dir / "steps", overwrite, advice, outputs):
         return _run_steps(params, run_dir)
 
 

@@ -29,7 +29,7 @@ from components.common import cli, tracking
 from components.common.data import KAGGLE, check_source, resolve
 from components.common.errors import INPUT_ERRORS, ConfigError
 from components.common.init_weights import check_timm_source
-from components.common.presets import HIGHRES_SIZE, PRESETS, FinetuneConfig
+from components.common.presets import HIGHRES_SIZE, PRESETS, FinetuneConfig, architecture, check_image_size
 from components.fetch_data import check_kaggle_credentials
 from pipelines import server
 from pipelines.dag import PARAMETER_HELP, default_highres_size
@@ -123,8 +123,10 @@ def add_placement_flags(group) -> None:
 
 
 def check_inputs(params: dict, mode: str) -> None:
-    """Refuses, in seconds and before the first step, a data source or an initial-weights source
-    the steps could not use."""
+    """Refuses, in seconds and before the first step, a high-resolution size, a data source or an
+    initial-weights source the steps could not use."""
+    patch = architecture(PRESETS[params["preset"]])["patch_size"]
+    check_image_size(int(params["highres_size"]), patch, "--highres-size")
     data = params["data"]
     if mode == "local" or Path(data).exists():  # in server mode anything else names a ClearML Dataset
         check_source(data, allow_kaggle=True)

@@ -86,6 +86,36 @@ def test_a_killed_run_leaves_no_claim_behind(tmp_path):
         assert folder == tmp_path
 
 
+def test_a_process_the_run_forked_does_not_keep_its_claim(tmp_path):
+    from components.common.run_folder import claimed
+
+    # ClearML's reporter is such a process: forked while the folder is held, it can outlive the run.
+    fork = "import os, sys, time; from pathlib import Path; from components.common.run_folder import claimed\n" \
+        "with claimed(Path(sys.argv[1])):\n    if os.fork() == 0:\n        time.sleep(600)\n" \
+        "    else:\n        print('forked', flush=True)"  # fmt: skip
+    run = start("-c", fork, str(tmp_path))
+    try:
+        assert run.stdout.readline().strip() == "forked"
+        run.wait(timeout=60)
+        with claimed(tmp_path) as folder:  # the run has ended; its forked child still lives
+            assert folder == tmp_path
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+
+
+def test_overwrite_removes_the_earlier_runs_outputs_and_nothing_else(tmp_path, capsys):
+    from components.common.run_folder import claimed
+
+    (tmp_path / "steps").mkdir()
+    (tmp_path / "steps" / "train.json").write_text("{}")
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("the user's own")
+    with claimed(tmp_path, tmp_path / "steps", True, outputs=("steps", "train", "summary.json")):
+        assert not (tmp_path / "steps").exists() and not (tmp_path / "summary.json").exists()
+    assert (tmp_path / "notes.txt").read_text() == "the user's own"
+    assert "removed the earlier run's steps, summary.json" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_a_finished_training_run_is_not_overwritten_unless_asked(tmp_path, data):
     assert run("train", "--data", data, "--output", tmp_path, "--epochs", "1").returncode == 0
@@ -96,7 +126,8 @@ def test_a_finished_training_run_is_not_overwritten_unless_asked(tmp_path, data)
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
     both = run("train", "--data", data, "--output", tmp_path, "--resume", "--overwrite")
     assert "argument --overwrite: not allowed with argument --resume" in error_line(both, "train")
-    assert run("train", "--data", data, "--output", tmp_path, "--epochs", "1", "--overwrite").returncode == 0
+    anew = run("train", "--data", data, "--output", tmp_path, "--epochs", "1", "--overwrite")
+    assert anew.returncode == 0 and "removed the earlier run's checkpoints, train.json" in anew.stdout
 
 
 def test_a_run_folder_of_the_pipeline_is_not_run_into_twice(tmp_path):
@@ -115,17 +146,19 @@ def test_temporary_files_a_killed_write_left_are_removed_when_the_folder_is_clai
     from components.common.run_folder import claimed
 
     (tmp_path / "checkpoints").mkdir()
-    stale = tmp_path / "checkpoints" / ".last.pt.abc123.tmp"
+    stale = tmp_path / "checkpoints" / ".last.pt.abc123.headgear.tmp"
     stale.write_bytes(b"half a checkpoint")
+    foreign = tmp_path / ".another-program.tmp"  # not the project's: left alone
+    foreign.write_text("")
     (tmp_path / "evaluate").mkdir()
     (tmp_path / "evaluate" / ".lock").touch()  # a folder claimed on its own: its own runs clean it
-    other = tmp_path / "evaluate" / ".evaluate.json.x1.tmp"
+    other = tmp_path / "evaluate" / ".evaluate.json.x1.headgear.tmp"
     other.write_text("{")
     kept = tmp_path / "checkpoints" / "best.pt"
     kept.write_bytes(b"weights")
     with claimed(tmp_path):
         pass
-    assert not stale.exists() and other.exists() and kept.exists()
+    assert not stale.exists() and other.exists() and kept.exists() and foreign.exists()
     assert "removed 1 temporary files that a killed write left" in capsys.readouterr().out
 
 
@@ -167,6 +200,14 @@ def test_a_zip_storing_one_name_twice_is_refused_when_the_two_differ(tmp_path):
         prepare(archive, tmp_path / "store")
 
 
+def test_a_zip_storing_one_path_under_two_spellings_is_refused_when_the_two_differ(tmp_path):
+    archive = zip_folder(make_layout(tmp_path / "data", per_split=(3, 2, 2)), tmp_path / "headgear.zip")
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr("./train//BERET/001.jpg", b"another file extracted to the same place")
+    with pytest.raises(DataError, match="different files under one name, train/BERET/001.jpg"):
+        prepare(archive, tmp_path / "store")
+
+
 def test_a_zip_storing_one_file_twice_is_read_once_with_a_note(tmp_path):
     folder = make_layout(tmp_path / "data", per_split=(3, 2, 2))
     archive = zip_folder(folder, tmp_path / "headgear.zip")
@@ -187,6 +228,24 @@ def test_a_csv_with_its_columns_in_another_order_and_more_of_them_is_the_listing
     data = prepare(folder, tmp_path / "store")
     assert sorted(data.index["filepaths"]) == sorted(keep)  # the CSV's selection, not the folders'
     assert any("columns ignored: notes" in note for note in data.manifest["notes"])
+
+
+def test_a_csv_with_some_of_the_columns_beside_the_listing_is_not_taken_for_it(tmp_path):
+    folder = make_layout(tmp_path / "data", per_split=(3, 2, 2), csv_name=None)
+    (folder / "a-class-map.csv").write_text("class id,labels\n0,BASEBALL CAP\n")
+    splits = ("train", "valid", "test")
+    rows = [f"{CLASSES.index(label)},{split}/{label}/001.jpg,{label},{split}" for split in splits for label in CLASSES]
+    (folder / "listing.csv").write_text("class id,filepaths,labels,data set\n" + "\n".join(rows) + "\n")
+    assert len(prepare(folder, tmp_path / "store").index) == 9
+
+
+def test_two_csvs_that_both_list_images_are_refused_naming_both(tmp_path):
+    folder = make_layout(tmp_path / "data", per_split=(3, 2, 2), csv_name=None)
+    listing = "class id,filepaths,labels,data set\n0,train/BASEBALL CAP/001.jpg,BASEBALL CAP,train\n"
+    for name in ("train.csv", "test.csv"):
+        (folder / name).write_text(listing)
+    with pytest.raises(DataError, match=r"several CSVs that list images \(test.csv, train.csv\); keep one"):
+        prepare(folder, tmp_path / "store")
 
 
 def test_a_csv_with_some_of_the_columns_says_which_are_missing(tmp_path):
@@ -222,6 +281,14 @@ def test_initial_weights_from_timm_without_the_hub_are_refused_at_once(tmp_path,
     line = error_line(result, "train")
     assert "the Hugging Face Hub did not answer" in line and "pass the file" in line
     assert "Retrying" not in result.stderr + result.stdout  # one look, no retries
+
+
+def test_timm_weights_are_looked_for_where_timm_keeps_them_on_the_hub():
+    from components.common.init_weights import _hub_repository
+
+    # timm's own registry is the reference: a name without a tag takes timm's default tag
+    assert _hub_repository("timm:vit_tiny_patch16_224") == "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    assert _hub_repository("timm:vit_small_patch16_224.augreg_in1k") == "timm/vit_small_patch16_224.augreg_in1k"
 
 
 def test_the_pipeline_checks_timm_weights_and_kaggle_credentials_before_the_first_step(tmp_path):

@@ -95,13 +95,17 @@ def safe_extract(
 
 
 def _one_per_name(archive: Path, zf: zipfile.ZipFile, members: list[zipfile.ZipInfo]):
-    """The members to extract, one per name (``\\`` read as ``/``), and a note on the names stored
-    twice: the same bytes twice are extracted once; different bytes under one name are refused,
-    since which of them is meant cannot be known."""
+    """The members to extract, one per path they extract to (``\\`` read as ``/``, ``./`` and ``//``
+    dropped, as `safe_extract` places them), and a note on the paths stored twice: the same bytes
+    twice are extracted once; different bytes for one path are refused, since which of them is
+    meant cannot be known."""
+    folders = [info for info in members if info.is_dir()]
     by_name: dict[str, list[zipfile.ZipInfo]] = {}
-    for info in members:  # folders too, by their names ending in /
-        by_name.setdefault(info.filename.replace("\\", "/"), []).append(info)
-    repeated = {name: infos for name, infos in by_name.items() if len(infos) > 1 and not name.endswith("/")}
+    for info in members:
+        if not info.is_dir():
+            name = "/".join(PurePosixPath(info.filename.replace("\\", "/")).parts)
+            by_name.setdefault(name, []).append(info)
+    repeated = {name: infos for name, infos in by_name.items() if len(infos) > 1}
     for name, infos in repeated.items():
         try:
             differ = len({(info.CRC, info.file_size) for info in infos}) > 1 or len({zf.read(i) for i in infos}) > 1
@@ -116,7 +120,7 @@ def _one_per_name(archive: Path, zf: zipfile.ZipFile, members: list[zipfile.ZipI
         return members, []
     shown = ", ".join(list(repeated)[:5])
     note = f"{archive.name} stores {len(repeated)} members twice with the same content, extracted once: {shown}"
-    return [infos[0] for infos in by_name.values()], [note]
+    return folders + [infos[0] for infos in by_name.values()], [note]
 
 
 def _too_big(archive: Path, size: int, compressed: int, max_bytes: int, max_ratio: float) -> str:

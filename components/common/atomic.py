@@ -11,7 +11,10 @@ from pathlib import Path
 
 from components.common.errors import WriteError
 
-TEMPORARY_GLOB = ".*.tmp"  # the names of `atomic_path`'s temporary files: a killed write leaves one
+# `atomic_path`'s temporary files, which a killed write leaves behind: a name of the project's own,
+# so that cleaning them up (`run_folder`) never touches another program's temporary files.
+TEMPORARY_SUFFIX = ".headgear.tmp"
+TEMPORARY_GLOB = f".*{TEMPORARY_SUFFIX}"
 
 
 @contextmanager
@@ -23,7 +26,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
         os.close(handle)
         yield Path(temporary)
         os.replace(temporary, path)

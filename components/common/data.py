@@ -67,22 +67,33 @@ def find_root(folder: Path, shown_as: Path | None = None) -> Path:
 
 
 def _find_csv(root: Path) -> Path | None:
-    """The CSV that lists the images: ``headgear.csv`` (or ``headgear.csv.csv``), else any CSV
-    with the columns `CSV_COLUMNS`, in any order and beside others. A CSV that has some of them
-    but not all is refused, naming what it lacks; one with none of them is not a listing."""
+    """The CSV that lists the images: ``headgear.csv`` (or ``headgear.csv.csv``), else the one
+    CSV with the columns `CSV_COLUMNS`, in any order and beside others. Several such CSVs are
+    refused (which one is meant cannot be known); so is a CSV with some of the columns but not
+    all, where no CSV has them all. None: no CSV lists images, and the folders are read."""
     for name in CSV_NAMES:
         if (root / name).is_file():
             return root / name
+    complete, partial = [], []
     for path in sorted(root.glob("*.csv")):
         columns = set(_read_csv(path, nrows=0)[0].columns.str.strip())
         if set(CSV_COLUMNS) <= columns:
-            return path
-        if columns & set(CSV_COLUMNS):
-            missing = [column for column in CSV_COLUMNS if column not in columns]
-            raise DataError(
-                f"{path} lists images but lacks the columns {missing}; a listing needs {', '.join(CSV_COLUMNS)} "
-                f"(in any order; other columns are ignored)"
-            )
+            complete.append(path)
+        elif columns & set(CSV_COLUMNS):
+            partial.append((path, [column for column in CSV_COLUMNS if column not in columns]))
+    if len(complete) > 1:
+        names = ", ".join(path.name for path in complete)
+        raise DataError(
+            f"{root} holds several CSVs that list images ({names}); keep one, or name the listing headgear.csv"
+        )
+    if complete:
+        return complete[0]
+    if partial:
+        path, missing = partial[0]
+        raise DataError(
+            f"{path} lists images but lacks the columns {missing}; a listing needs {', '.join(CSV_COLUMNS)} "
+            f"(in any order; other columns are ignored)"
+        )
     return None
 
 

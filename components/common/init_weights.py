@@ -114,12 +114,24 @@ def check_timm_source(source: str) -> None:
         return
     from huggingface_hub import try_to_load_from_cache
 
-    name = source.removeprefix("timm:")
-    if not any(isinstance(try_to_load_from_cache(f"timm/{name}", file), str) for file in TIMM_WEIGHT_FILES):
+    if not any(isinstance(try_to_load_from_cache(_hub_repository(source), file), str) for file in TIMM_WEIGHT_FILES):
         raise ConfigError(
             f"--init {source}: the Hugging Face Hub did not answer within {HUB_TIMEOUT_S:g} s and these weights are "
             f"not in its cache here; run where the Hub can be reached, or pass a file holding the weights"
         )
+
+
+def _hub_repository(source: str) -> str:
+    """Where on the Hub timm keeps ``timm:<name>``'s weights: its pretrained configuration says (a
+    name without a tag takes timm's default one, e.g. ``.augreg_in21k_ft_in1k``)."""
+    name = source.removeprefix("timm:")
+    try:
+        from timm.models import get_pretrained_cfg
+
+        config = get_pretrained_cfg(name)
+    except Exception:  # no timm, or a name it does not know: the plain name is the best guess
+        config = None
+    return getattr(config, "hf_hub_id", None) or f"timm/{name}"
 
 
 def _from_timm(source: str) -> tuple[dict, dict, tuple[int, int], str]:
