@@ -76,6 +76,8 @@ class Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         try:
             self.server.owner.handle(self, method)
+        except (BrokenPipeError, ConnectionResetError):  # the client left mid-answer (and retries): not ours
+            self.close_connection = True
         except Exception as error:  # a fault of the stand-in itself: answered, and kept for the test to see
             self.server.owner.faults.append(f"{method} {self.path}: {type(error).__name__}: {error}")
             self._answer(500, json.dumps({"meta": {"result_code": 500, "result_msg": str(error)}}).encode())
