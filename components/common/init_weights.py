@@ -109,7 +109,7 @@ def hub_answers(timeout_s: float = HUB_TIMEOUT_S) -> bool:
 def check_timm_source(source: str) -> None:
     """Refuses, in seconds, ``timm:<name>`` weights this machine cannot have: the Hugging Face Hub
     does not answer and they are not in its cache (timm keeps its weights on the Hub, in the
-    repository ``timm/<name>``)."""
+    repository `_hub_repository` names)."""
     if hub_answers():
         return
     from huggingface_hub import try_to_load_from_cache
