@@ -44,6 +44,7 @@ from components.common.training import (
     compile_mode,
     compiled,
     optimization_step,
+    step_sizes,
     training_sizes,
 )
 
@@ -74,25 +75,28 @@ def main(argv: list[str] | None = None) -> None:
 
     on_the_device = epoch_batches(len(train_images), config, 0, device)
     cycle = itertools.cycle(on_the_device)
-    fixed = batch_inputs(train_images, train_labels, on_the_device[0], config, n_classes)
+    sizes = itertools.cycle(step_sizes(config, 0, len(on_the_device)))  # as training draws them
+    fixed = batch_inputs(train_images, train_labels, on_the_device[0], config, n_classes, next(sizes))
     drawn = endless_batches(len(train_images), config, device)
 
     def fixed_batch() -> None:
         optimization_step(forward, model, optimizer, fixed[0], fixed[2], config, autocast)
 
     def augmented() -> None:
-        images, _, targets = batch_inputs(train_images, train_labels, next(cycle), config, n_classes)
+        images, _, targets = batch_inputs(train_images, train_labels, next(cycle), config, n_classes, next(sizes))
         optimization_step(forward, model, optimizer, images, targets, config, autocast)
 
     def drawing() -> None:
-        images, _, targets = batch_inputs(train_images, train_labels, next(drawn), config, n_classes)
+        images, _, targets = batch_inputs(train_images, train_labels, next(drawn), config, n_classes, next(sizes))
         optimization_step(forward, model, optimizer, images, targets, config, autocast)
 
     rows = {
         "1. optimization step, fixed batch": fixed_batch,
         "2. + augmentation (draws on the device)": augmented,
         "3. + drawing each epoch's draws": drawing,
-        "augmentation alone": lambda: batch_inputs(train_images, train_labels, next(cycle), config, n_classes),
+        "augmentation alone": lambda: batch_inputs(
+            train_images, train_labels, next(cycle), config, n_classes, next(sizes)
+        ),
         "drawing alone": lambda: next(drawn),
     }
     name = describe_device(device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -23,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.common import checkpoints, cli
+from components.common import checkpoints, cli, distributed
 from components.common.atomic import write_json
 from components.common.augment import augment, batch_draws, draw, epoch_batches, epoch_seed, on_device
 from components.common.data import check_source, resolve
-from components.common.devices import describe_device, pick_device
+from components.common.devices import describe_device
+from components.common.distributed import Ranks
 from components.common.images import from_input
 from components.common.init_weights import initial_weights
 from components.common.loop import Loop, measure_validation
@@ -44,45 +46,53 @@ from components.common.training import (
     decoded_splits,
     learning_rate,
     optimization_step,
+    step_sizes,
     training_sizes,
     update_average,
 )
 
 
 def train_epoch(state: TrainingState, forward: Callable, splits: Splits, loop: Loop) -> None:
-    """Trains epoch ``state.epoch`` on augmentations drawn for it, then counts it as trained."""
-    config, epoch = state.config, state.epoch
-    torch.manual_seed(epoch_seed(config.seed, epoch))  # dropout, drop path, mixing
-    batches = epoch_batches(len(splits.train_images), config, epoch, loop.device)
+    """Trains epoch ``state.epoch`` on augmentations drawn for it (this rank's share of each
+    batch), then counts it as trained."""
+    config, epoch, ranks = state.config, state.epoch, loop.ranks
+    torch.manual_seed(epoch_seed(config.seed, epoch, ranks.rank))  # dropout, drop path, mixing
+    batches = epoch_batches(len(splits.train_images), config, epoch, loop.device, ranks.rank, ranks.world_size)
+    sizes = step_sizes(config, epoch, len(batches))
     loop.stopwatch.lap("drawing the augmentation")
     state.model.train()  # a validation leaves it in eval mode
-    for batch in batches:
+    for batch, size in zip(batches, sizes):
         lr = learning_rate(config, loop.step, loop.total_steps, loop.steps_per_epoch)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         images, labels, targets = batch_inputs(
-            splits.train_images, splits.train_labels, batch, config, len(state.classes)
+            splits.train_images, splits.train_labels, batch, config, len(state.classes), size
         )
         loss, logits = optimization_step(forward, state.model, state.optimizer, images, targets, config, loop.autocast)
         if state.average is not None:
             update_average(state.average, state.model, config.ema_decay, loop.step)
         loop.epoch_sums[epoch, 0] += loss.detach()
         loop.epoch_sums[epoch, 1] += (logits.argmax(-1) == labels).sum()
-        loop.after_step(state, loss, lr, len(labels))
+        loop.after_step(state, loss, lr, len(labels) * ranks.world_size)
         loop.stopwatch.lap("training steps")
     state.epoch += 1
 
 
 def validate_and_checkpoint(state: TrainingState, splits: Splits, loop: Loop) -> None:
-    """After every ``validate_every``-th epoch and the last: a validation of the validated weights,
-    read back once it has arrived (on a GPU a few steps on: the host goes on queueing steps); when
+    """After every ``validate_every``-th epoch and the last: the epochs' training loss and correct
+    images gathered from the ranks, and on rank 0 a validation of the validated weights, read
+    back once it has arrived (on a GPU a few steps on: the host goes on queueing steps); when
     a checkpoint is due (the last epoch, or ``checkpoint_minutes`` since the previous one) every
     validation is waited for and best.pt and last.pt are written in the background."""
-    config = state.config
+    config, ranks = state.config, loop.ranks
     last_epoch = state.epoch == config.epochs
     if state.epoch % config.validate_every == 0 or last_epoch:
         trained_steps = (state.epoch - loop.unreported_from) * loop.steps_per_epoch
-        trained_sums = loop.epoch_sums[loop.unreported_from : state.epoch]
+        sums = loop.epoch_sums[loop.unreported_from : state.epoch]  # this rank's: mean losses, correct images
+        trained_sums = torch.stack([ranks.averaged(sums[:, 0]), ranks.summed(sums[:, 1])], dim=1)
+        loop.unreported_from = state.epoch
+        if not ranks.writer:  # rank 0 validates: the model is the same on every rank
+            return
         loop.validations.push(
             measure_validation(
                 state.validated, splits.valid_images, splits.valid_labels, trained_sums, config.batch_size
@@ -92,7 +102,6 @@ def validate_and_checkpoint(state: TrainingState, splits: Splits, loop: Loop) ->
             epochs=config.epochs,
             weights={k: v.detach().clone() for k, v in state.validated.state_dict().items()},
         )
-        loop.unreported_from = state.epoch
         checkpoint_due = last_epoch or time.monotonic() - loop.saved_at >= config.checkpoint_minutes * 60
         loop.record_validations(state, wait=checkpoint_due)  # a checkpoint holds them all
         if checkpoint_due:
@@ -139,6 +148,7 @@ def finish(state: TrainingState, loop: Loop, tracker, output: Path, preset_name:
         "val_accuracy": history["val_accuracy"],
         "val_loss": history["val_loss"],
         "images_per_second": throughput,
+        "world_size": loop.ranks.world_size,
         "seconds_by_phase": dict(loop.stopwatch.seconds),
         "classes": state.classes,
         "data_version": state.data_version,
@@ -166,45 +176,65 @@ def train(
     resume: bool = False,
     device: str = "auto",
     overwrite: bool = False,
+    ranks_per_node: int = 1,
+    node: dict | None = None,
     **overrides,
-) -> dict:
+) -> dict | None:
     """Trains into ``output`` (refused while another run writes there, and where an earlier run
     left its checkpoints, unless ``resume`` continues it or ``overwrite`` replaces it) and
     returns ``{"checkpoint" (best.pt), "last_checkpoint", "image_size", "epochs" (those that
     ended in a validation), "train_loss" (mean since the previous validation), "val_accuracy",
-    "val_loss" (one per validation), "images_per_second" (from the end of the first epoch to the
-    end of the last, the device idle at both) and "seconds_by_phase" (of the loop, after the
-    first epoch; checkpoints count until their tensors are on the host, the files are written
-    meanwhile), "classes", "data_version", "model" (what the next steps load: with a server the
-    registered model's id, else the checkpoint), "config", "device", "versions" (torch,
-    clearml), "plots" ({"path", "caption"}), "clearml"}``; also written to ``output/train.json``."""
-    output = Path(output)
+    "val_loss" (one per validation), "images_per_second" (the whole job's, from the end of the
+    first epoch to the end of the last, the device idle at both), "world_size" (ranks),
+    "seconds_by_phase" (of the loop, after the first epoch; checkpoints count until their tensors
+    are on the host, the files are written meanwhile), "classes", "data_version", "model" (what
+    the next steps load: with a server the registered model's id, else the checkpoint),
+    "config", "device", "versions" (torch, clearml), "plots" ({"path", "caption"}),
+    "clearml"}``; also written to ``output/train.json``.
+
+    Data-parallel under ``torchrun`` (each process a rank; rank 0 returns the result, the others
+    None), or with ``ranks_per_node`` > 1 or a ``node`` of a multi-machine job, whose ranks it
+    starts itself (`components.common.distributed.launch`)."""
     config = preset(preset_name, **overrides)
-    device = pick_device(device)
-    compile_mode(config, device)  # a wrong --compile or --train-sizes fails before any work
-    if config.image_size not in training_sizes(config):  # e.g. --image-size changed, the preset's sizes kept
-        print(
-            f"note: training at {config.train_sizes} for a model of size {config.image_size}; "
-            f"--train-sizes {config.image_size} trains at that size alone"
-        )
-    earlier = None if resume else output / "checkpoints" / checkpoints.LAST
-    advice = "pass --resume to continue it, --overwrite to train anew in its place, or another --output"
-    with claimed(output, earlier, overwrite, advice, outputs=("checkpoints", "train.json")):
-        result = run_training(data, preset_name, config, output, resume, device)
-        write_json(result, output / "train.json")
+    if ranks_per_node > 1 or node:
+        distributed.check_launch(config.batch_size, ranks_per_node, node)  # here, before any rank starts
+        arguments = dict(data=data, preset_name=preset_name, output=output, resume=resume, device=device)
+        return distributed.launch(train, {**arguments, "overwrite": overwrite, **overrides}, ranks_per_node, node)
+    output = Path(output)
+    with distributed.joined(device) as (ranks, device):
+        distributed.check_batch(config.batch_size, ranks.world_size)
+        compile_mode(config, device)  # a wrong --compile or --train-sizes fails before any work
+        if config.image_size not in training_sizes(config):  # e.g. --image-size changed, the preset's sizes kept
+            print(
+                f"note: training at {config.train_sizes} for a model of size {config.image_size}; "
+                f"--train-sizes {config.image_size} trains at that size alone"
+            )
+        earlier = None if resume else output / "checkpoints" / checkpoints.LAST
+        advice = "pass --resume to continue it, --overwrite to train anew in its place, or another --output"
+        outputs = ("checkpoints", "train.json")
+        with claimed(output, earlier, overwrite, advice, outputs) if ranks.writer else nullcontext():
+            result = run_training(data, preset_name, config, output, resume, device, ranks)
+            if ranks.writer:
+                write_json(result, output / "train.json")
     return result
 
 
-def run_training(data: str, preset_name: str, config: TrainConfig, output: Path, resume: bool, device) -> dict:
-    """`train` in the folder it holds: the task, the state (fresh or resumed), the epochs."""
+def run_training(
+    data: str, preset_name: str, config: TrainConfig, output: Path, resume: bool, device, ranks: Ranks
+) -> dict | None:
+    """`train` in the folder it holds: the task, the state (fresh or resumed), the epochs. Rank 0
+    opens the task and returns the result; the other ranks take its settings and train."""
     folder = output / "checkpoints"
     saved = TrainingState.saved(folder, config) if resume else None
-    with open_task("train", "training", output, title=f"train {preset_name}") as tracker:
-        params = tracker.connect({"data": data, "preset": preset_name, **asdict(config)})
+    task = open_task("train", "training", output, title=f"train {preset_name}") if ranks.writer else nullcontext()
+    with task as tracker:
+        settings = {"data": data, "preset": preset_name, **asdict(config)}
+        params = ranks.broadcast(tracker.connect(settings) if tracker else None)  # edited in the web UI, maybe
         config = TrainConfig(**{k: v for k, v in params.items() if k not in ("data", "preset")})
         model_shape = {**architecture(config), "image_size": config.image_size}
-        initial = initial_weights(config.init, model_shape) if config.init and saved is None else None
-        dataset = resolve(params["data"])
+        with ranks.writer_first():  # one download of the weights, one extraction of the data
+            initial = initial_weights(config.init, model_shape) if config.init and saved is None else None
+            dataset = resolve(params["data"])
         if saved is not None:
             TrainingState.check_data(saved, dataset, folder)
         splits = decoded_splits(dataset, config, device)
@@ -212,16 +242,19 @@ def run_training(data: str, preset_name: str, config: TrainConfig, output: Path,
             state = TrainingState.start(config, dataset.classes, dataset.version, device, initial)
             if initial is not None:
                 print(f"initial weights: {initial.description}")
-            show_augmented_sample(tracker, splits, dataset.classes, config)
+            if tracker:
+                show_augmented_sample(tracker, splits, dataset.classes, config)
         else:
             state = TrainingState.from_checkpoint(saved, config, dataset.classes, dataset.version, device)
             print(f"resuming {folder / checkpoints.LAST} after epoch {state.epoch}")
-        forward = compiled(state.model, config, device)
-        loop = Loop(state, len(splits.train_images), device, tracker, folder)
+        forward = compiled(distributed.parallel(state.model, ranks, device), config, device)
+        loop = Loop(state, len(splits.train_images), device, tracker, folder, ranks)
         while state.epoch < config.epochs:
             train_epoch(state, forward, splits, loop)
             validate_and_checkpoint(state, splits, loop)
             loop.start_timing_once()
+        if not ranks.writer:
+            return None
         result = finish(state, loop, tracker, output, preset_name)
     result["clearml"] = tracker.session
     return result
@@ -245,14 +278,23 @@ def main(argv: list[str] | None = None) -> None:
         "--overwrite", action="store_true", help="train anew where an earlier run left its checkpoints"
     )
     cli.add_device_flag(parser)
+    parser.add_argument(
+        "--ranks",
+        type=cli.positive_int,
+        default=1,
+        help="data-parallel processes to start on this machine, a GPU each (on a CPU, a share of its cores), "
+        "as torchrun --nproc_per_node would; --batch-size stays the global batch (default: 1)",
+    )
     add_override_flags(parser)
     args = parser.parse_args(argv)
+    parser.prog = distributed.from_environment().name  # under torchrun, whose rank speaks
     overrides = overrides_from(args)
     cli.run(parser, preset, args.preset, **overrides)  # a wrong setting is named even when the data is wrong too
     cli.run(parser, check_source, args.data)
-    where = (args.output, args.resume, args.device, args.overwrite)
+    where = (args.output, args.resume, args.device, args.overwrite, args.ranks)
     result = cli.run(parser, train, args.data, args.preset, *where, **overrides)
-    print(f"best checkpoint {result['checkpoint']}: valid accuracy {max(result['val_accuracy']):.4f}")
+    if result is not None:  # rank 0's
+        print(f"best checkpoint {result['checkpoint']}: valid accuracy {max(result['val_accuracy']):.4f}")
 
 
 if __name__ == "__main__":

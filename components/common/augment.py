@@ -73,21 +73,25 @@ class Draws(NamedTuple):
     group_sizes: tuple[int, ...]  # N x len(PIXEL_OPS) sizes of those groups
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The one seed of everything random in an epoch (its order, its augmentation, dropout and
-    mixing): a resumed run draws exactly what an uninterrupted one would."""
-    return seed * 10_007 + epoch
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The one seed of everything random in an epoch: its order and augmentation (drawn from
+    (seed, epoch) alone, the same for every rank of a data-parallel job) and a rank's dropout
+    and mixing (``rank`` 0's, or a single process's, from the same seed). A resumed run draws
+    exactly what an uninterrupted one would."""
+    return seed * 10_007 + epoch + rank * 1_000_003
 
 
-def epoch_batches(size: int, config: TrainConfig, epoch: int, device: torch.device) -> list[Draws]:
+def epoch_batches(
+    size: int, config: TrainConfig, epoch: int, device: torch.device, rank: int = 0, world_size: int = 1
+) -> list[Draws]:
     """The draws of each full batch of ``epoch`` over a split of ``size`` images, on ``device``:
-    every image once, in an order seeded by (seed, epoch), the last partial batch left out."""
+    every image once, in an order seeded by (seed, epoch), the last partial batch left out; of
+    each batch, the ``rank``-th of ``world_size`` equal shares (the whole batch for one process)."""
     drawn = draw(size, config, epoch)
     order = torch.randperm(size, generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch))).numpy()
     steps = len_epoch(size, config.batch_size)
-    return on_device(
-        [batch_draws(drawn, rows) for rows in np.array_split(order[: steps * config.batch_size], steps)], device
-    )
+    batches = np.array_split(order[: steps * config.batch_size], steps)
+    return on_device([batch_draws(drawn, np.array_split(rows, world_size)[rank]) for rows in batches], device)
 
 
 def endless_batches(size: int, config: TrainConfig, device: torch.device) -> Iterator[Draws]:

@@ -23,7 +23,11 @@ class WriteError(OSError):
     """A file could not be written (a full disk, a read-only folder); the message names it and why."""
 
 
-INPUT_ERRORS = (DataError, ConfigError, CheckpointError, TrackingError, WriteError)
+class TrainingError(RuntimeError):
+    """A process of a data-parallel training job failed; the message names which, why, and what to do."""
+
+
+INPUT_ERRORS = (DataError, ConfigError, CheckpointError, TrackingError, WriteError, TrainingError)
 
 
 def first_line(error: BaseException | str) -> str:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from components.common import checkpoints
 from components.common.augment import len_epoch
 from components.common.devices import mixed_precision
+from components.common.distributed import ONE_PROCESS, Ranks
 from components.common.metrics import correct, predict
 from components.common.training import TrainingState
 from model import ViT
@@ -115,18 +116,34 @@ def record_validation(
 
 class Loop:
     """The training loop's bookkeeping around a `TrainingState`: the step and the schedule's
-    length, each epoch's summed loss and correct images (on the device), the numbers on their way
-    back to the host, the progress bar, the stopwatch, the throughput's timing and the checkpoint
-    writer into ``folder``."""
+    length, each epoch's summed loss and correct images (on the device, this rank's), the numbers
+    on their way back to the host, the progress bar, the stopwatch, the throughput's timing and
+    the checkpoint writer into ``folder``. Of a data-parallel job's ``ranks``, rank 0 alone shows
+    progress and reports (``tracker`` is None on the others)."""
 
-    def __init__(self, state: TrainingState, n_train: int, device: torch.device, tracker, folder: Path):
-        self.config, self.device, self.tracker, self.folder = state.config, device, tracker, folder
+    def __init__(
+        self,
+        state: TrainingState,
+        n_train: int,
+        device: torch.device,
+        tracker,
+        folder: Path,
+        ranks: Ranks = ONE_PROCESS,
+    ):
+        self.config, self.device, self.tracker, self.folder, self.ranks = state.config, device, tracker, folder, ranks
         config = state.config
         self.steps_per_epoch = len_epoch(n_train, config.batch_size)
         self.total_steps, self.step = config.epochs * self.steps_per_epoch, state.epoch * self.steps_per_epoch
         self.first_epoch = self.unreported_from = state.epoch
         self.autocast = mixed_precision(device)
-        self.progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        self.progress = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not ranks.writer,
+        )
         # Loss and correct predictions summed per epoch on the device, read with the validations.
         self.epoch_sums = torch.zeros(config.epochs, 2, device=device)
         self.step_losses, self.validations = DeviceScalars(device), DeviceScalars(device)
@@ -136,13 +153,16 @@ class Loop:
         self.writer = checkpoints.CheckpointWriter()
 
     def after_step(self, state: TrainingState, loss: torch.Tensor, lr: float, n_images: int) -> None:
-        """Counts the step, queues its loss every ``log_every`` steps and reports what has arrived."""
+        """Counts the step of ``n_images`` (the whole job's), queues its loss (the mean over the
+        ranks) every ``log_every`` steps and reports what has arrived."""
         self.step += 1
         self.window_images += n_images
         self.progress.update()
         if self.step % self.config.log_every == 0:
+            loss = self.ranks.averaged(loss.detach())
             elapsed = time.perf_counter() - self.window_start
-            self.step_losses.push(loss, step=self.step, lr=lr, images_per_second=self.window_images / elapsed)
+            if self.ranks.writer:
+                self.step_losses.push(loss, step=self.step, lr=lr, images_per_second=self.window_images / elapsed)
             self.window_start, self.window_images = time.perf_counter(), 0
         self.report_losses()
         self.record_validations(state)

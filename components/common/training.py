@@ -12,12 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from components.common import checkpoints
-from components.common.augment import Draws, augment, mix
+from components.common.augment import Draws, augment, epoch_seed, mix
 from components.common.data import DataVersion
 from components.common.errors import ConfigError, DataError
 from components.common.images import decode_split
@@ -27,14 +28,16 @@ from model import ViT
 
 
 def batch_inputs(
-    train_images: torch.Tensor, train_labels: torch.Tensor, draws: Draws, config: TrainConfig, n_classes: int
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    draws: Draws,
+    config: TrainConfig,
+    n_classes: int,
+    size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A training batch: its augmented (and mixed) input images (B, 3, s, s) at a size s drawn
-    from `training_sizes`, labels (B,) and soft targets (B, K) (label smoothing, then
-    mixup/cutmix)."""
+    """A training batch: its augmented (and mixed) input images (B, 3, size, size), labels (B,)
+    and soft targets (B, K) (label smoothing, then mixup/cutmix)."""
     compiled_warp = compile_mode(config, train_images.device) != "off"
-    sizes = training_sizes(config)
-    size = sizes[int(torch.randint(len(sizes), ()))] if len(sizes) > 1 else sizes[0]
     images = augment(train_images, draws, compiled_warp, size)
     labels = train_labels.index_select(0, draws.index)
     targets = F.one_hot(labels, n_classes).float()
@@ -130,6 +133,14 @@ def training_sizes(config: TrainConfig) -> tuple[int, ...]:
             f"the patch size {patch_size}; e.g. {example}"
         )
     return sizes or (config.image_size,)
+
+
+def step_sizes(config: TrainConfig, epoch: int, steps: int) -> list[int]:
+    """The image size of each of an epoch's ``steps``, drawn from `training_sizes` by (seed,
+    epoch) alone: every rank of a data-parallel job trains a step at the same size."""
+    sizes = training_sizes(config)
+    drawn = np.random.default_rng([epoch_seed(config.seed, epoch), len(sizes)]).integers(len(sizes), size=steps)
+    return [sizes[i] for i in drawn]
 
 
 def build_optimizer(model: ViT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
