@@ -46,6 +46,7 @@ DAG: dict[str, Step] = {
             "epochs": "${pipeline.epochs}",
             "seed": "${pipeline.seed}",
             "init": "${pipeline.init}",
+            "nodes": "${pipeline.nodes}",
         },
         returns=("checkpoint", "result"),
         parents=("fetch_data",),
@@ -104,6 +105,7 @@ PARAMETER_HELP = {
     "seed": "random seed of the training run",
     "init": "initial weights: timm:<model name>, or a ClearML model id (server mode) or a .pt file (local mode); "
     "empty: the preset's",
+    "nodes": "machines (agents) the train step runs data-parallel on, each with all of its GPUs",
     "highres_size": "image size of the high-resolution evaluation",
     "finetune_steps": "SGD steps of the fine-tune at the high resolution; 0 skips it",
     "benchmark": "attention benchmark sweep: auto (full on a GPU, quick on a CPU), quick or full",

@@ -60,6 +60,9 @@ def add_run_flags(group) -> None:
     group.add_argument("--seed", type=cli.nonnegative_int, default=0, help=f"{PARAMETER_HELP['seed']} (default: 0)")
     group.add_argument("--init", default="", metavar="SOURCE", help=PARAMETER_HELP["init"])
     group.add_argument(
+        "--nodes", type=cli.positive_int, default=1, help=f"{PARAMETER_HELP['nodes']}; server mode (default: 1)"
+    )
+    group.add_argument(
         "--highres-size",
         type=cli.positive_int,
         default=None,
@@ -125,6 +128,11 @@ def add_placement_flags(group) -> None:
 def check_inputs(params: dict, mode: str) -> None:
     """Refuses, in seconds and before the first step, a high-resolution size, a data source or an
     initial-weights source the steps could not use."""
+    if mode == "local" and int(params["nodes"]) > 1:
+        raise ConfigError(
+            f"--nodes {params['nodes']}: the other machines are ClearML agents, so it needs server mode; "
+            f"locally the train step already uses every GPU of this machine"
+        )
     patch = architecture(PRESETS[params["preset"]])["patch_size"]
     check_image_size(int(params["highres_size"]), patch, "--highres-size")
     data = params["data"]
@@ -189,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": args.epochs,
         "seed": args.seed,
         "init": str(Path(args.init).resolve()) if args.init and Path(args.init).exists() else args.init,
+        "nodes": args.nodes,
         "highres_size": args.highres_size or default_highres_size(args.preset),
         "finetune_steps": args.finetune_steps,
         "benchmark": args.benchmark,

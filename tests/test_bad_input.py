@@ -224,6 +224,7 @@ def run_pipeline(*args):
         (["--finetune-steps", "-3"], "argument --finetune-steps: expected a whole number of 0 or more"),
         (["--highres-size", "0"], "argument --highres-size: expected a whole number of 1 or more"),
         (["--highres-size", "50"], "--highres-size 50 is not a multiple of the patch size 8; e.g. 48 or 56"),
+        (["--nodes", "2"], "--nodes 2: the other machines are ClearML agents, so it needs server mode"),
         (["--data", "no-such-archive.zip"], "data source 'no-such-archive.zip' is not a file or folder here"),
         (["--data", "README.md"], "README.md is a file but not a zip archive"),
         (["--data", "{layout}", "--init", "no-such-weights.pt"], "--init no-such-weights.pt: no such file"),
