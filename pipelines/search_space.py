@@ -90,11 +90,17 @@ def parse_dimension(spec: str, defaults: dict[str, Dimension]) -> Dimension:
     return Dimension(name, choices=tuple(_number(name, kind, text, spec) for text in values.split(",")))
 
 
+def value_of(name: str, text: str):
+    """``text`` as a value of the setting ``name`` (as a task's parameters hold it: a string)."""
+    kind = SETTINGS[name]
+    if kind == "bool":
+        return {"true": True, "false": False}[text.strip().lower()]
+    return {"int": int, "float": float}.get(kind, str)(text.strip())
+
+
 def _number(name: str, kind: str, text: str, spec: str):
     try:
-        if kind == "bool":
-            return {"true": True, "false": False}[text.strip().lower()]
-        return {"int": int, "float": float}.get(kind, str)(text.strip())
+        return value_of(name, text)
     except (ValueError, KeyError):
         raise ConfigError(f"--space {spec!r}: {text!r} is not a value of {name} ({kind})") from None
 
