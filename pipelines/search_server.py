@@ -145,7 +145,14 @@ def create_base_task(args: argparse.Namespace, fixed: dict) -> str:
     repo, commit = server.agent_source(args.repo, args.commit)
     data = dataset_id(args.data, args.output_uri)
     step = DAG["train"]
-    kwargs = {"data": data, "preset": args.preset, "epochs": fixed.get("epochs", 0), "seed": fixed["seed"], "init": ""}
+    kwargs = {
+        "data": data,
+        "preset": args.preset,
+        "epochs": fixed.get("epochs", 0),
+        "seed": fixed["seed"],
+        "init": "",
+        "settings": "{}",
+    }
     definition = CreateFromFunction.create_task_from_function(
         a_function=step.function,
         function_kwargs=kwargs,

@@ -34,17 +34,23 @@ def fetch_data_step(source: str, *, output: str = "outputs"):
     return result["data"], result
 
 
-def train_step(data: str, preset: str, epochs: int, seed: int, init: str, *, output: str = "outputs"):
+def train_step(
+    data: str, preset: str, epochs: int, seed: int, init: str, settings: str = "{}", *, output: str = "outputs"
+):
+    import json
     from pathlib import Path
 
     from components.common.tracking import upload_plots
     from components.train import train
 
-    overrides = {"epochs": int(epochs)} if int(epochs) > 0 else {}  # 0: the preset's
+    # The preset's settings overridden by ``settings`` (a JSON object, e.g. a search's best), then by the flags.
+    overrides = {**json.loads(settings or "{}"), "seed": int(seed)}
+    if int(epochs) > 0:  # 0: the preset's
+        overrides["epochs"] = int(epochs)
     if init:  # empty: the preset's (from scratch, or the finetune preset's timm weights)
         overrides["init"] = init
     # The folder is the run's own: the local runner holds the run folder, an agent a fresh clone.
-    result = upload_plots(train(data, preset, Path(output) / "train", seed=int(seed), overwrite=True, **overrides))
+    result = upload_plots(train(data, preset, Path(output) / "train", overwrite=True, **overrides))
     return result["model"], result
 
 

@@ -122,10 +122,15 @@ def test_bad_flags_are_refused_in_one_line_before_any_work(flags, expected, tmp_
     assert not list(tmp_path.iterdir())  # nothing was written
 
 
-def test_an_output_folder_in_use_is_refused(tmp_path, layout, capsys):
-    with claimed(tmp_path / "busy"):
-        assert main(["--data", str(layout), "--preset", "smoke", "--local", "--output", str(tmp_path / "busy")]) == 2
-    assert "is in use by process" in capsys.readouterr().err
+def test_an_output_folder_in_use_is_refused(tmp_path, layout):
+    with claimed(tmp_path / "busy"):  # held by this process; the command is another
+        run = subprocess.run(
+            [sys.executable, "pipelines/optimize.py", "--data", str(layout), "--preset", "smoke", "--local",
+             "--output", str(tmp_path / "busy")],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert run.returncode == 2 and "is in use by process" in run.stderr, run.stderr
+    assert not (tmp_path / "busy" / "study.db").exists()
 
 
 def test_each_preset_has_a_default_space_the_preset_accepts():
@@ -206,3 +211,30 @@ def test_the_optimizer_task_shows_the_trials_and_the_best_trial_with_its_model(s
     assert [m["model"] for m in optimizer["models"]["input"]] == [best["models"]["output"][-1]["model"]]
     assert any(a["key"] == "best settings" for a in optimizer["execution"]["artifacts"])
     assert "best: task " + best["id"] in run.stdout
+
+
+# --- the best settings, handed to the pipeline -------------------------------------------------
+
+
+def test_the_pipeline_trains_with_the_settings_of_params(layout, tmp_path):
+    from pipelines import steps
+
+    settings = json.dumps({"lr": 0.003, "batch_size": 16, "epochs": 5})
+    _, trained = steps.train_step(str(layout), "smoke", 1, 0, "", settings, output=str(tmp_path))
+    assert (trained["config"]["lr"], trained["config"]["batch_size"]) == (0.003, 16)
+    assert trained["config"]["epochs"] == 1  # --epochs wins over the file
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [('{"learning_rate": 0.1}', "unknown training settings ['learning_rate']"), ("lr=0.1", "cannot read a JSON")],
+)
+def test_run_pipeline_refuses_params_it_cannot_train_with(content, expected, layout, tmp_path):
+    (tmp_path / "best.json").write_text(content)
+    run = subprocess.run(
+        [sys.executable, "pipelines/run_pipeline.py", "--data", str(layout), "--preset", "smoke", "--local",
+         "--params", str(tmp_path / "best.json"), "--output", str(tmp_path / "run")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and expected in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert not (tmp_path / "run" / "steps").exists()
