@@ -172,7 +172,8 @@ def create_base_task(args: argparse.Namespace, fixed: dict) -> str:
     task = Task.create(project_name=tracking.PROJECT, task_name=definition["name"], task_type=definition["type"])
     task.update_task(definition)
     task.output_uri = args.output_uri or tracking.files_server()
-    settings = asdict(preset(args.preset, **fixed))
+    # What `components.train` connects, so that the draft shows what a trial will train with.
+    settings = {"data": data, "preset": args.preset, **asdict(preset(args.preset, **fixed))}
     task.set_parameters({f"{SECTION}/{name}": value for name, value in settings.items()})
     print(f"base training task {task.id}: preset {args.preset} on data {data}, {repo} at {commit[:10]}")
     return task.id
