@@ -5,6 +5,7 @@ objective by trial, and each setting against it)."""
 from __future__ import annotations
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from components.common.plots import plt
 from pipelines.search_space import Dimension
@@ -71,6 +72,7 @@ def study_figure(summary: dict, space: list[Dimension]):
     if failed:
         axis.plot(failed, [floor] * len(failed), "x", color="tab:red", label="failed or pruned (no value)")
     axis.set(xlabel="trial", ylabel=OBJECTIVE, title="objective by trial")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.legend(fontsize=7)
     best = summary["best"]
     for axis, dimension in zip(axes.flat[1:], space):
@@ -80,13 +82,19 @@ def study_figure(summary: dict, space: list[Dimension]):
             axis.set_xticks(range(len(dimension.choices)), [str(c) for c in dimension.choices], fontsize=7)
             setting = [positions.get(value, np.nan) for value in setting]
             axis.set_xlim(-0.5, len(dimension.choices) - 0.5)
-        elif dimension.log:
+        elif dimension.log:  # the whole searched range, so that where the trials fell in it shows
             axis.set_xscale("log")
+            axis.set_xlim(dimension.low / 1.15, dimension.high * 1.15)
+        else:
+            margin = (dimension.high - dimension.low) * 0.05
+            axis.set_xlim(dimension.low - margin, dimension.high + margin)
         axis.plot(setting, values, "o", color="tab:blue", alpha=0.7)
         if best is not None:
             index = [t["number"] for t in completed].index(best["number"])
-            axis.plot(setting[index], best["value"], "*", color="tab:orange", markersize=12, label="best")
-            axis.legend(fontsize=7)
+            axis.plot(setting[index], best["value"], "*", color="tab:orange", markersize=12)
         axis.set(xlabel=dimension.name, ylabel=OBJECTIVE, title=f"{dimension.name} against the objective")
-    figure.suptitle(f"search over preset {summary['search']['preset']}: {len(completed)} completed of {len(trials)}")
+    figure.suptitle(
+        f"search over preset {summary['search']['preset']}: {len(completed)} of {len(trials)} trials completed "
+        f"(orange star: the best)"
+    )
     return figure
