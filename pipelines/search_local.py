@@ -100,6 +100,7 @@ def open_study(output: Path, search_settings: dict, seed: int):
             f"--preset, --space, --only and fixed settings to resume it, or another --output"
         )
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        # Optuna's public API sets attributes only on the trials this process asked for.
         study._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted")
         study.tell(trial.number, state=TrialState.FAIL)
     return study
