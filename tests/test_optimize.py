@@ -112,14 +112,16 @@ def test_a_study_of_another_search_is_not_resumed(study, shapes_zip, capsys):
         (["--only", "lr,mixup_alpha"], "--only mixup_alpha: not in the space"),
     ],
 )
-def test_bad_flags_are_refused_in_one_line_before_any_work(flags, expected, tmp_path):
-    run = subprocess.run(
-        [sys.executable, "pipelines/optimize.py", "--data", str(tmp_path), "--preset", "smoke", "--local", *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert run.returncode == 2 and run.stderr.startswith("optimize: error: "), run.stderr
-    assert len(run.stderr.strip().splitlines()) == 1 and expected in run.stderr, run.stderr
-    assert not list(tmp_path.iterdir())  # nothing was written
+def test_bad_flags_are_refused_in_one_line_before_any_work(flags, expected, tmp_path, capsys):
+    argv = ["--data", str(tmp_path), "--preset", "smoke", "--local", "--output", str(tmp_path / "out"), *flags]
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own refusals
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("optimize: error: "), err
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+    assert not list((tmp_path / "out").iterdir())  # nothing was written
 
 
 def test_an_output_folder_in_use_is_refused(tmp_path, layout):
