@@ -99,6 +99,21 @@ def test_a_study_of_another_search_is_not_resumed(study, shapes_zip, capsys):
     assert "holds a study of another search" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_a_trial_a_killed_run_left_running_is_recorded_and_run_again(shapes_zip, tmp_path):
+    import optuna
+
+    search = ["--data", str(shapes_zip), "--preset", "smoke", "--epochs", "1", "--only", "lr", "--local"]
+    assert main([*search, "--output", str(tmp_path), "--trials", "1"]) == 0
+    stored = optuna.load_study(study_name="headgear-vit", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    stored.ask()  # trial 1 begins, and its process dies: the storage holds it as running
+    assert main([*search, "--output", str(tmp_path), "--trials", "2"]) == 0
+    trials = json.loads((tmp_path / "optimize.json").read_text())["trials"]
+    assert [(t["number"], t["state"], t["error"]) for t in trials] == [
+        (0, "complete", None), (1, "fail", "interrupted"), (2, "complete", None)
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "flags, expected",
     [
