@@ -46,6 +46,7 @@ DAG: dict[str, Step] = {
             "epochs": "${pipeline.epochs}",
             "seed": "${pipeline.seed}",
             "init": "${pipeline.init}",
+            "settings": "${pipeline.settings}",
             "nodes": "${pipeline.nodes}",
         },
         returns=("checkpoint", "result"),
@@ -105,6 +106,8 @@ PARAMETER_HELP = {
     "seed": "random seed of the training run",
     "init": "initial weights: timm:<model name>, or a ClearML model id (server mode) or a .pt file (local mode); "
     "empty: the preset's",
+    "settings": "training settings over the preset's, a JSON object {setting: value} (optimize.py's best.json); "
+    "epochs, seed and init win over it",
     "nodes": "machines (agents) the train step runs data-parallel on, each with all of its GPUs",
     "highres_size": "image size of the high-resolution evaluation",
     "finetune_steps": "SGD steps of the fine-tune at the high resolution; 0 skips it",

@@ -20,6 +20,7 @@ process each in DAG order, each an offline ClearML task, everything in one run f
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from datetime import datetime
@@ -27,9 +28,9 @@ from pathlib import Path
 
 from components.common import cli, tracking
 from components.common.data import KAGGLE, check_source, resolve
-from components.common.errors import INPUT_ERRORS, ConfigError
+from components.common.errors import INPUT_ERRORS, ConfigError, first_line
 from components.common.init_weights import check_timm_source
-from components.common.presets import HIGHRES_SIZE, PRESETS, FinetuneConfig, architecture, check_image_size
+from components.common.presets import HIGHRES_SIZE, PRESETS, FinetuneConfig, architecture, check_image_size, preset
 from components.fetch_data import check_kaggle_credentials
 from pipelines import server
 from pipelines.dag import PARAMETER_HELP, default_highres_size
@@ -59,6 +60,7 @@ def add_run_flags(group) -> None:
     group.add_argument("--epochs", type=cli.nonnegative_int, default=0, help=PARAMETER_HELP["epochs"])
     group.add_argument("--seed", type=cli.nonnegative_int, default=0, help=f"{PARAMETER_HELP['seed']} (default: 0)")
     group.add_argument("--init", default="", metavar="SOURCE", help=PARAMETER_HELP["init"])
+    group.add_argument("--params", type=Path, default=None, metavar="FILE", help=PARAMETER_HELP["settings"])
     group.add_argument(
         "--nodes", type=cli.positive_int, default=1, help=f"{PARAMETER_HELP['nodes']}; server mode (default: 1)"
     )
@@ -128,6 +130,7 @@ def add_placement_flags(group) -> None:
 def check_inputs(params: dict, mode: str) -> None:
     """Refuses, in seconds and before the first step, a high-resolution size, a data source or an
     initial-weights source the steps could not use."""
+    preset(params["preset"], **json.loads(params["settings"]))  # an unknown or wrong setting, named
     if mode == "local" and int(params["nodes"]) > 1:
         raise ConfigError(
             f"--nodes {params['nodes']}: the other machines are ClearML agents, so it needs server mode; "
@@ -153,6 +156,19 @@ def check_inputs(params: dict, mode: str) -> None:
             )
         if mode == "local" and not Path(init).is_file():
             raise ConfigError(f"--init {init}: no such file; pass a .pt file, or timm:<model name>")
+
+
+def read_settings(path: Path | None) -> str:
+    """``--params FILE``: the training settings it holds, as the pipeline's parameter (JSON text)."""
+    if path is None:
+        return "{}"
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--params {path}: cannot read a JSON object from it ({first_line(error)})") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f'--params {path}: holds no JSON object of settings, e.g. {{"lr": 0.002}}')
+    return json.dumps(settings, sort_keys=True)
 
 
 def launch_on_server(args: argparse.Namespace, params: dict) -> int:
@@ -203,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": args.benchmark,
     }
     try:
+        params["settings"] = read_settings(args.params)
         if mode == "server":
             from clearml import Task
 

@@ -34,14 +34,28 @@ def fetch_data_step(source: str, *, output: str = "outputs"):
     return result["data"], result
 
 
-def train_step(data: str, preset: str, epochs: int, seed: int, init: str, nodes: int = 1, *, output: str = "outputs"):
+def train_step(
+    data: str,
+    preset: str,
+    epochs: int,
+    seed: int,
+    init: str,
+    settings: str = "{}",
+    nodes: int = 1,
+    *,
+    output: str = "outputs",
+):
+    import json
     from pathlib import Path
 
     from components.common.distributed import machines, ranks_per_machine
     from components.common.tracking import upload_plots
     from components.train import train
 
-    overrides = {"epochs": int(epochs)} if int(epochs) > 0 else {}  # 0: the preset's
+    # The preset's settings overridden by ``settings`` (a JSON object, e.g. a search's best), then by the flags.
+    overrides = {**json.loads(settings or "{}"), "seed": int(seed)}
+    if int(epochs) > 0:  # 0: the preset's
+        overrides["epochs"] = int(epochs)
     if init:  # empty: the preset's (from scratch, or the finetune preset's timm weights)
         overrides["init"] = init
     # Data-parallel over every GPU of the machine, and over the agents of ``nodes`` machines.
@@ -49,7 +63,7 @@ def train_step(data: str, preset: str, epochs: int, seed: int, init: str, nodes:
     node = machines(int(nodes)) if int(nodes) > 1 else None
     # The folder is the run's own: the local runner holds the run folder, an agent a fresh clone.
     where = dict(overwrite=True, ranks_per_node=ranks, node=node)
-    result = train(data, preset, Path(output) / "train", seed=int(seed), **where, **overrides)
+    result = train(data, preset, Path(output) / "train", **where, **overrides)
     if result is None:  # a machine other than the first of several: its ranks report nothing
         return None, None
     return result["model"], upload_plots(result)

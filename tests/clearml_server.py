@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import email.parser
 import email.policy
+import hashlib
 import json
 import re
 import threading
@@ -329,6 +330,7 @@ class ApiServer:
         if query.get("new_task_container") is not None:
             clone["container"] = query["new_task_container"]
         clone["models"] = {"input": clone.get("models", {}).get("input", []), "output": []}
+        clone["output_dest"] = source["output"].get("destination")  # the server keeps the destination
         created = self.tasks__create(clone)
         return {"id": created["id"], "new_project": None}
 
@@ -616,10 +618,11 @@ class ApiServer:
             task = self._task(event["task"])
             self.events.setdefault(task["id"], []).append(event)
             if event.get("type") == "training_stats_scalar":
-                variants = task["last_metrics"].setdefault(event["metric"], {})
-                last = variants.get(event["variant"])
+                # The server keys the last values by the md5 of metric and variant names.
+                variants = task["last_metrics"].setdefault(_hashed(event["metric"]), {})
+                last = variants.get(_hashed(event["variant"]))
                 value = event["value"]
-                variants[event["variant"]] = {
+                variants[_hashed(event["variant"])] = {
                     "metric": event["metric"],
                     "variant": event["variant"],
                     "value": value,
@@ -746,6 +749,19 @@ def _select(documents: list[dict], query: dict, fields: tuple[str, ...]) -> list
     if page is not None and size:
         found = found[int(page) * int(size) : (int(page) + 1) * int(size)]
     return [copy.deepcopy(d) for d in found]
+
+
+def _hashed(name: str) -> str:
+    return hashlib.md5(name.encode("utf-8")).hexdigest()
+
+
+def last_metrics(task: dict) -> dict:
+    """A task's last scalar values by metric and variant names, read back from the hashed keys."""
+    named: dict = {}
+    for variants in task["last_metrics"].values():
+        for value in variants.values():
+            named.setdefault(value["metric"], {})[value["variant"]] = value
+    return named
 
 
 def _as_list(value) -> list:

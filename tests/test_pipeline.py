@@ -198,6 +198,7 @@ def test_a_failing_step_skips_its_dependents_and_keeps_what_finished(tmp_path, m
         "epochs": 1,
         "seed": 0,
         "init": "",
+        "settings": "{}",
         "nodes": 1,
         "highres_size": 48,
         "finetune_steps": 0,
@@ -278,6 +279,7 @@ def test_the_pipeline_parameters_are_what_a_controller_run_by_an_agent_needs(bui
         "epochs",
         "seed",
         "init",
+        "settings",
         "nodes",
         "highres_size",
         "finetune_steps",
@@ -415,7 +417,9 @@ def test_steps_take_parameters_as_an_agent_passes_them(tmp_path):
 
     data = make_layout(tmp_path / "data", per_split=(8, 2, 2))
     fetched_data, fetched = steps.fetch_data_step(str(data), output=str(tmp_path / "run"))
-    checkpoint, trained = steps.train_step(fetched_data, "smoke", "1", "3", "", "1", output=str(tmp_path / "run"))
+    checkpoint, trained = steps.train_step(
+        fetched_data, "smoke", "1", "3", "", settings="{}", nodes="1", output=str(tmp_path / "run")
+    )
     assert len(trained["train_loss"]) == 1 and Path(checkpoint).is_file()
     result = steps.highres_step(checkpoint, fetched_data, "48", "2", output=str(tmp_path / "run"))
     assert result["image_size"] == 48 and len(result["finetune_losses"]) == 2

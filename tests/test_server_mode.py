@@ -26,7 +26,7 @@ import pytest
 
 from pipelines.dag import DAG
 from tests.archives import CLASSES, make_layout
-from tests.clearml_server import ClearMLStandIn
+from tests.clearml_server import ClearMLStandIn, last_metrics
 from tests.repository import REPO
 
 pytestmark = pytest.mark.slow
@@ -217,7 +217,7 @@ def test_datasets_go_to_the_output_uri(server, first_run):
 
 def test_the_pipeline_page_shows_the_results_and_the_models(server, first_run):
     controller = server.api.tasks[first_run["controller"]["id"]]
-    shown = controller["last_metrics"].get("results", {})
+    shown = last_metrics(controller).get("results", {})
     assert {"test accuracy @ training size", "test accuracy @ high res, fine-tuned"} <= set(shown)
     assert "best speed-up of sdpa over separate QKV" in shown
     trained = returned(server, first_run["steps"]["train"], "checkpoint")
