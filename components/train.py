@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from components.common import checkpoints, cli, distributed
@@ -32,7 +33,7 @@ from components.common.devices import describe_device
 from components.common.distributed import Ranks
 from components.common.images import from_input
 from components.common.init_weights import initial_weights
-from components.common.loop import Loop, measure_validation
+from components.common.loop import Loop, TimeBudget, measure_validation
 from components.common.plots import curves_figure, image_grid_figure
 from components.common.presets import PRESETS, TrainConfig, add_override_flags, architecture, overrides_from, preset
 from components.common.run_folder import claimed
@@ -78,35 +79,49 @@ def train_epoch(state: TrainingState, forward: Callable, splits: Splits, loop: L
     state.epoch += 1
 
 
-def validate_and_checkpoint(state: TrainingState, splits: Splits, loop: Loop) -> None:
-    """After every ``validate_every``-th epoch and the last: the epochs' training loss and correct
-    images gathered from the ranks, and on rank 0 a validation of the validated weights, read
-    back once it has arrived (on a GPU a few steps on: the host goes on queueing steps); when
-    a checkpoint is due (the last epoch, or ``checkpoint_minutes`` since the previous one) every
-    validation is waited for and best.pt and last.pt are written in the background."""
-    config, ranks = state.config, loop.ranks
-    last_epoch = state.epoch == config.epochs
-    if state.epoch % config.validate_every == 0 or last_epoch:
-        trained_steps = (state.epoch - loop.unreported_from) * loop.steps_per_epoch
-        sums = loop.epoch_sums[loop.unreported_from : state.epoch]  # this rank's: mean losses, correct images
-        trained_sums = torch.stack([ranks.averaged(sums[:, 0]), ranks.summed(sums[:, 1])], dim=1)
-        loop.unreported_from = state.epoch
-        if not ranks.writer:  # rank 0 validates: the model is the same on every rank
-            return
-        loop.validations.push(
-            measure_validation(
-                state.validated, splits.valid_images, splits.valid_labels, trained_sums, config.batch_size
-            ),
-            divisors=(1, len(splits.valid_labels), trained_steps, trained_steps * config.batch_size),
-            epoch=state.epoch - 1,
-            epochs=config.epochs,
-            weights={k: v.detach().clone() for k, v in state.validated.state_dict().items()},
-        )
-        checkpoint_due = last_epoch or time.monotonic() - loop.saved_at >= config.checkpoint_minutes * 60
-        loop.record_validations(state, wait=checkpoint_due)  # a checkpoint holds them all
-        if checkpoint_due:
-            loop.save(state.to_checkpoint())
+def validate_and_checkpoint(state: TrainingState, splits: Splits, loop: Loop, budget: TimeBudget | None) -> None:
+    """After every ``validate_every``-th epoch and the last, a validation (`validate`); then a
+    time budget's decision, which may end the schedule here (the epoch is then validated as the
+    last); then, when due (the last epoch, or ``checkpoint_minutes`` since the previous one),
+    every validation is waited for and best.pt and last.pt are written in the background
+    (checkpoints follow validations)."""
+    config = state.config
+    if state.epoch % config.validate_every == 0 or state.epoch == state.epochs:
+        validate(state, splits, loop)
+    if budget is not None:
+        budget.after_epoch(state, loop)
+        if state.epoch == state.epochs and loop.unreported_from < state.epoch:
+            validate(state, splits, loop)
+    validated = loop.unreported_from == state.epoch  # a checkpoint holds every epoch's numbers
+    if loop.ranks.writer and validated and loop.saved_epoch < state.epoch:
+        checkpoint_due = time.monotonic() - loop.saved_at >= config.checkpoint_minutes * 60
+        if state.epoch == state.epochs or checkpoint_due:
+            loop.record_validations(state, wait=True)  # a checkpoint holds them all
+            loop.save(state)
     loop.stopwatch.lap("validation and checkpoints")
+
+
+def validate(state: TrainingState, splits: Splits, loop: Loop) -> None:
+    """The epochs' training loss and correct images since the previous validation gathered from
+    the ranks, and on rank 0 a validation of the validated weights, read back once it has
+    arrived (on a GPU a few steps on: the host goes on queueing steps)."""
+    ranks = loop.ranks
+    trained_steps = (state.epoch - loop.unreported_from) * loop.steps_per_epoch
+    sums = loop.epoch_sums[loop.unreported_from : state.epoch]  # this rank's: mean losses, correct images
+    trained_sums = torch.stack([ranks.averaged(sums[:, 0]), ranks.summed(sums[:, 1])], dim=1)
+    loop.unreported_from = state.epoch
+    if not ranks.writer:  # rank 0 validates: the model is the same on every rank
+        return
+    loop.validations.push(
+        measure_validation(
+            state.validated, splits.valid_images, splits.valid_labels, trained_sums, state.config.batch_size
+        ),
+        divisors=(1, len(splits.valid_labels), trained_steps, trained_steps * state.config.batch_size),
+        epoch=state.epoch - 1,
+        epochs=state.epochs,
+        weights={k: v.detach().clone() for k, v in state.validated.state_dict().items()},
+    )
+    loop.record_validations(state)
 
 
 def show_augmented_sample(tracker, splits: Splits, classes: list[str], config: TrainConfig) -> None:
@@ -122,7 +137,7 @@ def show_augmented_sample(tracker, splits: Splits, classes: list[str], config: T
 def finish(state: TrainingState, loop: Loop, tracker, output: Path, preset_name: str) -> dict:
     """Once the loop is done: the throughput, the training curves, the best model registered and
     the history as an artifact; returns `train`'s result."""
-    throughput = loop.close()
+    throughput = loop.close(state.epoch)
     history = state.history
     config = state.config
     figure = curves_figure(
@@ -148,6 +163,7 @@ def finish(state: TrainingState, loop: Loop, tracker, output: Path, preset_name:
         "val_accuracy": history["val_accuracy"],
         "val_loss": history["val_loss"],
         "images_per_second": throughput,
+        "time_budget": state.budget or None,
         "world_size": loop.ranks.world_size,
         "seconds_by_phase": dict(loop.stopwatch.seconds),
         "classes": state.classes,
@@ -178,6 +194,7 @@ def train(
     overwrite: bool = False,
     ranks_per_node: int = 1,
     node: dict | None = None,
+    started: float | None = None,
     **overrides,
 ) -> dict | None:
     """Trains into ``output`` (refused while another run writes there, and where an earlier run
@@ -185,7 +202,8 @@ def train(
     returns ``{"checkpoint" (best.pt), "last_checkpoint", "image_size", "epochs" (those that
     ended in a validation), "train_loss" (mean since the previous validation), "val_accuracy",
     "val_loss" (one per validation), "images_per_second" (the whole job's, from the end of the
-    first epoch to the end of the last, the device idle at both), "world_size" (ranks),
+    first epoch to the end of the last, the device idle at both), "time_budget" (what a
+    ``time_budget`` decided: `TrainingState`'s ``budget``, else None), "world_size" (ranks),
     "seconds_by_phase" (of the loop, after the first epoch; checkpoints count until their tensors
     are on the host, the files are written meanwhile), "classes", "data_version", "model" (what
     the next steps load: with a server the registered model's id, else the checkpoint),
@@ -194,12 +212,15 @@ def train(
 
     Data-parallel under ``torchrun`` (each process a rank; rank 0 returns the result, the others
     None), or with ``ranks_per_node`` > 1 or a ``node`` of a multi-machine job, whose ranks it
-    starts itself (`components.common.distributed.launch`)."""
+    starts itself (`components.common.distributed.launch`). A time budget counts from ``started``
+    (a `time.time()`; default: now)."""
     config = preset(preset_name, **overrides)
+    started = time.time() if started is None else started
     if ranks_per_node > 1 or node:
         distributed.check_launch(config.batch_size, ranks_per_node, node)  # here, before any rank starts
         arguments = dict(data=data, preset_name=preset_name, output=output, resume=resume, device=device)
-        return distributed.launch(train, {**arguments, "overwrite": overwrite, **overrides}, ranks_per_node, node)
+        arguments.update(overwrite=overwrite, started=started, **overrides)
+        return distributed.launch(train, arguments, ranks_per_node, node)
     output = Path(output)
     with distributed.joined(device) as (ranks, device):
         distributed.check_batch(config.batch_size, ranks.world_size)
@@ -213,14 +234,21 @@ def train(
         advice = "pass --resume to continue it, --overwrite to train anew in its place, or another --output"
         outputs = ("checkpoints", "train.json")
         with claimed(output, earlier, overwrite, advice, outputs) if ranks.writer else nullcontext():
-            result = run_training(data, preset_name, config, output, resume, device, ranks)
+            result = run_training(data, preset_name, config, output, resume, device, ranks, started)
             if ranks.writer:
                 write_json(result, output / "train.json")
     return result
 
 
 def run_training(
-    data: str, preset_name: str, config: TrainConfig, output: Path, resume: bool, device, ranks: Ranks
+    data: str,
+    preset_name: str,
+    config: TrainConfig,
+    output: Path,
+    resume: bool,
+    device,
+    ranks: Ranks,
+    started: float,
 ) -> dict | None:
     """`train` in the folder it holds: the task, the state (fresh or resumed), the epochs. Rank 0
     opens the task and returns the result; the other ranks take its settings and train."""
@@ -246,12 +274,14 @@ def run_training(
                 show_augmented_sample(tracker, splits, dataset.classes, config)
         else:
             state = TrainingState.from_checkpoint(saved, config, dataset.classes, dataset.version, device)
-            print(f"resuming {folder / checkpoints.LAST} after epoch {state.epoch}")
+            fitted = f", of the {state.epochs} its time budget fitted" if state.budget else ""
+            print(f"resuming {folder / checkpoints.LAST} after epoch {state.epoch}{fitted}")
         forward = compiled(distributed.parallel(state.model, ranks, device), config, device)
         loop = Loop(state, len(splits.train_images), device, tracker, folder, ranks)
-        while state.epoch < config.epochs:
+        budget = TimeBudget(config.time_budget, started, ranks) if config.time_budget and not state.budget else None
+        while state.epoch < state.epochs:
             train_epoch(state, forward, splits, loop)
-            validate_and_checkpoint(state, splits, loop)
+            validate_and_checkpoint(state, splits, loop, budget)
             loop.start_timing_once()
         if not ranks.writer:
             return None
@@ -292,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     cli.run(parser, preset, args.preset, **overrides)  # a wrong setting is named even when the data is wrong too
     cli.run(parser, check_source, args.data)
     where = (args.output, args.resume, args.device, args.overwrite, args.ranks)
-    result = cli.run(parser, train, args.data, args.preset, *where, **overrides)
+    started = psutil.Process().create_time()  # a time budget is the command's, from its start
+    result = cli.run(parser, train, args.data, args.preset, *where, started=started, **overrides)
     if result is not None:  # rank 0's
         print(f"best checkpoint {result['checkpoint']}: valid accuracy {max(result['val_accuracy']):.4f}")
 

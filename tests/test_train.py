@@ -4,6 +4,7 @@ resumed run equals an uninterrupted one."""
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from components.common import checkpoints
 from components.common.data import resolve
 from components.common.errors import CheckpointError
+from components.common.loop import TimeBudget
 from components.common.presets import PRESETS, preset
 from components.common.training import learning_rate
 from components.train import train
@@ -370,6 +372,105 @@ def test_a_terminated_run_stops_promptly_and_resumes_from_its_checkpoint(tmp_pat
 
     resumed = train(data, "smoke", tmp_path / "run", resume=True, epochs=60, batch_size=16, checkpoint_minutes=0.0)
     assert len(resumed["train_loss"]) == 60 and epoch < 59
+
+
+class EpochClock:
+    """A wall clock for `TimeBudget` that the test runs: its first reading is the loop's start,
+    ``setup`` seconds after the run's, each later one the end of an epoch that took the next of
+    ``epoch_seconds``."""
+
+    def __init__(self, setup: float, epoch_seconds: list[float]):
+        self.readings = itertools.accumulate([setup, *epoch_seconds])
+
+    def __call__(self) -> float:
+        return next(self.readings)
+
+
+def budgeted_run(tmp_path, monkeypatch, epoch_seconds: list[float], name: str = "run", **settings) -> dict:
+    """A smoke run with a time budget of 100 s (at most 20 epochs) on the test's clock, which
+    says the run's setup took 5 s and each epoch what ``epoch_seconds`` says."""
+    monkeypatch.setattr(TimeBudget, "clock", staticmethod(EpochClock(5, epoch_seconds)))
+    data = str(make_layout(tmp_path / "data", per_split=(24, 4, 4)))
+    settings = {"epochs": 20, "time_budget": 100, "batch_size": 16, "checkpoint_minutes": 0.0, **settings}
+    return train(data, "smoke", tmp_path / name, started=0.0, **settings)
+
+
+@pytest.mark.slow
+def test_a_time_budget_fits_the_schedule_to_the_epochs_it_buys(tmp_path, monkeypatch, capsys):
+    import components.train as training
+
+    totals = []
+
+    def learning_rate_of(config, step, total_steps, steps_per_epoch):
+        totals.append(total_steps)
+        return learning_rate(config, step, total_steps, steps_per_epoch)
+
+    monkeypatch.setattr(training, "learning_rate", learning_rate_of)
+    # 15 s used after the first epoch of 10 s: 100 - 15 - 5 (to finish) left, which buys 8 more.
+    result = budgeted_run(tmp_path, monkeypatch, [10] * 20)
+    fitted = {"seconds": 100, "epochs": 9, "fitted": 9, "stopped_early": False, "first_epoch_seconds": 10.0}
+    assert result["time_budget"] == fitted
+    assert result["epochs"] == list(range(1, 10))
+    steps_per_epoch = len(totals) // 9
+    assert set(totals[steps_per_epoch:]) == {9 * steps_per_epoch}  # warm-up and decay end with epoch 9
+    assert "time budget 100 s: 15 s used, the first epoch took 10.0 s, so the schedule is 9 epochs" in (
+        capsys.readouterr().out
+    )
+    assert json.loads((tmp_path / "run" / "train.json").read_text())["time_budget"] == fitted
+
+
+def test_a_time_budget_never_buys_more_than_the_epochs_setting(tmp_path, monkeypatch, capsys):
+    result = budgeted_run(tmp_path, monkeypatch, [1] * 20, epochs=6)
+    assert result["time_budget"]["epochs"] == 6 and result["epochs"] == list(range(1, 7))
+    assert "so the schedule is 6 epochs (--epochs 6, the most it may train)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_that_falls_behind_stops_at_its_budget_with_the_epoch_validated_and_saved(tmp_path, monkeypatch, capsys):
+    # Fitted to 9 epochs of 10 s; from the fifth on they take 20 s: after the sixth (85 s used)
+    # the next would end past 100 - 5 s, so the sixth is the last, validated though
+    # validate_every is 4, and checkpointed.
+    result = budgeted_run(tmp_path, monkeypatch, [10, 10, 10, 10, 20, 20, 20, 20, 20], validate_every=4)
+    assert result["time_budget"] == {
+        "seconds": 100,
+        "epochs": 6,
+        "fitted": 9,
+        "stopped_early": True,
+        "first_epoch_seconds": 10.0,
+    }
+    assert result["epochs"] == [4, 6]
+    last = checkpoints.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["epoch"] == 5 and last["budget"] == result["time_budget"]
+    assert "time budget 100 s: stopping after epoch 6 of 9, as the next would end past it" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_resumes_its_fitted_schedule_exactly(tmp_path, monkeypatch):
+    uninterrupted = budgeted_run(tmp_path, monkeypatch, [10] * 20, name="full")
+    real_save = checkpoints.save_atomic
+
+    def killed_after_epoch_three(payload, path):
+        real_save(payload, path)
+        if Path(path).name == "last.pt" and payload["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "save_atomic", killed_after_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        budgeted_run(tmp_path, monkeypatch, [10] * 20, name="resumed")
+    monkeypatch.setattr(checkpoints, "save_atomic", real_save)
+
+    def no_clock():
+        raise AssertionError("a resumed run trains the schedule its budget fitted, without asking the clock")
+
+    monkeypatch.setattr(TimeBudget, "clock", staticmethod(no_clock))
+    data = str(tmp_path / "data")
+    resumed = train(data, "smoke", tmp_path / "resumed", resume=True, epochs=20, time_budget=100, batch_size=16,
+                    checkpoint_minutes=0.0)  # fmt: skip
+    assert resumed["time_budget"] == uninterrupted["time_budget"]
+    assert resumed["epochs"] == uninterrupted["epochs"] == list(range(1, 10))
+    assert resumed["train_loss"] == uninterrupted["train_loss"]
+    full, again = checkpoints.load(uninterrupted["last_checkpoint"]), checkpoints.load(resumed["last_checkpoint"])
+    assert all(torch.equal(full["model"][key], again["model"][key]) for key in full["model"])
 
 
 def test_the_readme_lists_every_training_flag():

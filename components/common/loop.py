@@ -133,7 +133,7 @@ class Loop:
         self.config, self.device, self.tracker, self.folder, self.ranks = state.config, device, tracker, folder, ranks
         config = state.config
         self.steps_per_epoch = len_epoch(n_train, config.batch_size)
-        self.total_steps, self.step = config.epochs * self.steps_per_epoch, state.epoch * self.steps_per_epoch
+        self.total_steps, self.step = state.epochs * self.steps_per_epoch, state.epoch * self.steps_per_epoch
         self.first_epoch = self.unreported_from = state.epoch
         self.autocast = mixed_precision(device)
         self.progress = tqdm(
@@ -148,7 +148,7 @@ class Loop:
         self.epoch_sums = torch.zeros(config.epochs, 2, device=device)
         self.step_losses, self.validations = DeviceScalars(device), DeviceScalars(device)
         self.window_start, self.window_images = time.perf_counter(), 0
-        self.saved_at, self.timed_from = time.monotonic(), None
+        self.saved_at, self.saved_epoch, self.timed_from = time.monotonic(), state.epoch, None
         self.stopwatch = Stopwatch()
         self.writer = checkpoints.CheckpointWriter()
 
@@ -176,9 +176,15 @@ class Loop:
             line = record_validation(measured, history=state.history, best=state.best, tracker=self.tracker, **along)
             self.progress.write(line)
 
-    def save(self, files: dict[str, dict]) -> None:
-        self.writer.save({self.folder / name: payload for name, payload in files.items()})
-        self.saved_at = time.monotonic()
+    def save(self, state: TrainingState) -> None:
+        self.writer.save({self.folder / name: payload for name, payload in state.to_checkpoint().items()})
+        self.saved_at, self.saved_epoch = time.monotonic(), state.epoch
+
+    def fit_schedule(self, epochs: int) -> None:
+        """The schedule is ``epochs`` long from now on (a time budget's decision)."""
+        self.total_steps = epochs * self.steps_per_epoch
+        self.progress.total = self.total_steps
+        self.progress.refresh()
 
     def start_timing_once(self) -> None:
         """Throughput is timed after the first epoch (compilation), from an idle GPU: the steps of
@@ -189,13 +195,14 @@ class Loop:
             self.timed_from = time.perf_counter()
             self.stopwatch.restart()
 
-    def close(self) -> float | None:
+    def close(self, trained_to: int) -> float | None:
         """Reports the losses still on their way, waits until the last checkpoints are on disk and
-        returns the images/s since the first epoch (None when there was no later one)."""
+        returns the images/s since the first epoch (None when there was no later one) of the
+        epochs up to ``trained_to``."""
         self.report_losses(wait=True)
         self.progress.close()
         config = self.config
-        timed_epochs = config.epochs - self.first_epoch - 1
+        timed_epochs = trained_to - self.first_epoch - 1
         throughput = (
             timed_epochs * self.steps_per_epoch * config.batch_size / (time.perf_counter() - self.timed_from)
             if (self.timed_from and timed_epochs > 0)
@@ -206,3 +213,49 @@ class Loop:
             print(f"after the first epoch: {throughput:.0f} images/s; the loop's time went to {shares}")
         self.writer.wait()
         return throughput
+
+
+class TimeBudget:
+    """``--time-budget``: the run, from ``started`` (a `time.time()`), ends within ``seconds``.
+
+    After the first epoch (its training and validation) the schedule is fitted: as many epochs
+    as the rest of the budget buys at that epoch's pace, less `FINISH_SECONDS`, at most
+    ``config.epochs``, so that warm-up and decay end where they should. After each later epoch
+    the run ends where the next one, as long as the longest since, would end past the budget (a
+    machine that became slower). Rank 0's clock decides for every rank. What was decided is the
+    state's ``budget``, which checkpoints keep: a resumed run trains the fitted schedule as it is."""
+
+    FINISH_SECONDS = 5.0  # after the last epoch: the last checkpoint, the curves, train.json, the task's closing
+    clock = staticmethod(time.time)  # what ``started`` was read from
+
+    def __init__(self, seconds: float, started: float, ranks: Ranks = ONE_PROCESS):
+        self.seconds, self.started, self.ranks = seconds, started, ranks
+        self.epoch_started, self.longest_epoch = self.clock(), 0.0
+
+    def after_epoch(self, state: TrainingState, loop: Loop) -> None:
+        """Fits the schedule after the first epoch; ends it here when the next epoch would overrun."""
+        now = self.clock()
+        epoch_seconds, self.epoch_started = now - self.epoch_started, now
+        left = self.seconds - (now - self.started) - self.FINISH_SECONDS
+        budget, note = dict(state.budget), None
+        if not budget:
+            fitted = min(state.config.epochs, state.epoch + max(0, int(left // epoch_seconds)))
+            budget = {"seconds": self.seconds, "epochs": fitted, "fitted": fitted, "stopped_early": False}
+            budget["first_epoch_seconds"] = round(epoch_seconds, 2)
+            cap = f" (--epochs {fitted}, the most it may train)" if fitted == state.config.epochs else ""
+            note = (
+                f"time budget {self.seconds:g} s: {now - self.started:.0f} s used, the first epoch took "
+                f"{epoch_seconds:.1f} s, so the schedule is {fitted} epoch{'s' * (fitted > 1)}{cap}"
+            )
+        else:
+            self.longest_epoch = max(self.longest_epoch, epoch_seconds)
+            if state.epoch < budget["epochs"] and left < self.longest_epoch:
+                budget.update(epochs=state.epoch, stopped_early=True)
+                note = (
+                    f"time budget {self.seconds:g} s: stopping after epoch {state.epoch} of {budget['fitted']}, "
+                    f"as the next would end past it"
+                )
+        earlier, state.budget = state.budget, self.ranks.broadcast(budget)  # rank 0's
+        if state.budget != earlier:
+            loop.fit_schedule(state.budget["epochs"])
+            loop.progress.write(note)

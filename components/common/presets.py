@@ -33,7 +33,13 @@ class TrainConfig:
     )
     patch_size: int = setting(0, "patch size; 0 keeps the model preset's")
     attention: str = setting("sdpa", "attention implementation: separate, fused or sdpa")
-    epochs: int = setting(100, "training epochs")
+    epochs: int = setting(100, "training epochs (with --time-budget, the most it may train)")
+    time_budget: float = setting(
+        0.0,
+        "seconds the whole run may take, start to end: the first epoch's time decides how many epochs (at most "
+        "--epochs) fit, the learning-rate schedule is fitted to them, and a run that falls behind stops where the "
+        "next epoch would end past the budget; 0: no budget",
+    )
     batch_size: int = setting(128, "images per step")
     lr: float = setting(1e-3, "peak learning rate of AdamW")
     min_lr: float = setting(1e-5, "learning rate at the end of the cosine decay")

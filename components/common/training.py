@@ -176,12 +176,18 @@ def decoded_splits(dataset: DataVersion, config: TrainConfig, device: torch.devi
     return Splits(*(torch.from_numpy(array).to(device) for array in (*train_split, *valid_split)))
 
 
+# Settings added after checkpoints were first written, with the value that reproduces those runs.
+LATER_SETTINGS = {"time_budget": 0.0}
+
+
 @dataclass
 class TrainingState:
     """What a checkpoint holds and a resume restores: the settings, the classes and data version
     trained on, the model, its optimizer, the weight average (None without ``ema_decay``), the
-    validation history, the best validated weights (``{"model", "epoch"}``) and the number of
-    epochs trained: `to_checkpoint` writes it into `checkpoints.payload`s, `saved` and
+    validation history, the best validated weights (``{"model", "epoch"}``), the number of
+    epochs trained and, with a time budget, what it decided (``{"seconds", "epochs" (the
+    schedule's length), "fitted" (the epochs it first fitted), "first_epoch_seconds",
+    "stopped_early"}``): `to_checkpoint` writes it into `checkpoints.payload`s, `saved` and
     `from_checkpoint` read it back."""
 
     config: TrainConfig
@@ -201,6 +207,12 @@ class TrainingState:
     )
     best: dict = field(default_factory=dict)
     epoch: int = 0  # epochs trained: the next one to train, from 0
+    budget: dict = field(default_factory=dict)  # empty without a time budget, or before it decided
+
+    @property
+    def epochs(self) -> int:
+        """The schedule's length: the epochs a time budget fitted, else ``config.epochs``."""
+        return self.budget.get("epochs", self.config.epochs)
 
     @classmethod
     def start(
@@ -232,6 +244,7 @@ class TrainingState:
             return None
         advice = "a damaged last.pt has best.pt beside it: --init it into a new --output, or --overwrite to start over"
         saved = checkpoints.load(path, advice)
+        saved["train_config"] = {**LATER_SETTINGS, **saved["train_config"]}
         if saved["train_config"] != asdict(config):
             raise ConfigError(
                 f"--resume: {path} was trained with other settings; resume with the same preset and "
@@ -262,6 +275,7 @@ class TrainingState:
         if state.average is not None:
             state.average.load_state_dict(saved["average"])
         state.history, state.best, state.epoch = saved["history"], saved["best"], saved["epoch"] + 1
+        state.budget = saved.get("budget", {})
         return state
 
     @property
@@ -284,6 +298,7 @@ class TrainingState:
                 epoch=self.epoch - 1,
                 history=self.history,
                 best=self.best,
+                budget=self.budget,
                 train_config=asdict(self.config),
                 data_version=self.data_version,
             ),
