@@ -8,6 +8,8 @@ import importlib.util
 import json
 import sys
 
+import pytest
+
 from tests.archives import SHAPE_CLASSES, SHAPES_PER_SPLIT
 from tests.repository import REPO
 
@@ -21,6 +23,7 @@ def load_script(monkeypatch):
     return module
 
 
+@pytest.mark.slow  # 7.8-8.0 s on 2 idle cores (torch and scikit-learn imported, 300 trees twice), more when shared
 def test_every_method_learns_the_shapes_with_its_setting_chosen_on_valid(shapes_zip, tmp_path, capsys, monkeypatch):
     script = load_script(monkeypatch)
     output = tmp_path / "classic.json"
