@@ -33,7 +33,7 @@ from components.common.devices import describe_device
 from components.common.distributed import Ranks
 from components.common.images import from_input
 from components.common.init_weights import initial_weights
-from components.common.loop import Loop, TimeBudget, measure_validation
+from components.common.loop import Loop, measure_validation
 from components.common.plots import curves_figure, image_grid_figure
 from components.common.presets import PRESETS, TrainConfig, add_override_flags, architecture, overrides_from, preset
 from components.common.run_folder import claimed
@@ -79,7 +79,7 @@ def train_epoch(state: TrainingState, forward: Callable, splits: Splits, loop: L
     state.epoch += 1
 
 
-def validate_and_checkpoint(state: TrainingState, splits: Splits, loop: Loop, budget: TimeBudget | None) -> None:
+def validate_and_checkpoint(state: TrainingState, splits: Splits, loop: Loop) -> None:
     """After every ``validate_every``-th epoch and the last, a validation (`validate`); then a
     time budget's decision, which may end the schedule here (the epoch is then validated as the
     last); then, when due (the last epoch, or ``checkpoint_minutes`` since the previous one),
@@ -88,8 +88,8 @@ def validate_and_checkpoint(state: TrainingState, splits: Splits, loop: Loop, bu
     config = state.config
     if state.epoch % config.validate_every == 0 or state.epoch == state.epochs:
         validate(state, splits, loop)
-    if budget is not None:
-        budget.after_epoch(state, loop)
+    if loop.budget is not None:
+        loop.budget.after_epoch(state, loop)
         if state.epoch == state.epochs and loop.unreported_from < state.epoch:
             validate(state, splits, loop)
     validated = loop.unreported_from == state.epoch  # a checkpoint holds every epoch's numbers
@@ -277,11 +277,10 @@ def run_training(
             fitted = f", of the {state.epochs} its time budget fitted" if state.budget else ""
             print(f"resuming {folder / checkpoints.LAST} after epoch {state.epoch}{fitted}")
         forward = compiled(distributed.parallel(state.model, ranks, device), config, device)
-        loop = Loop(state, len(splits.train_images), device, tracker, folder, ranks)
-        budget = TimeBudget(config.time_budget, started, ranks) if config.time_budget and not state.budget else None
+        loop = Loop(state, len(splits.train_images), device, tracker, folder, ranks, started)
         while state.epoch < state.epochs:
             train_epoch(state, forward, splits, loop)
-            validate_and_checkpoint(state, splits, loop, budget)
+            validate_and_checkpoint(state, splits, loop)
             loop.start_timing_once()
         if not ranks.writer:
             return None

@@ -376,21 +376,25 @@ def test_a_terminated_run_stops_promptly_and_resumes_from_its_checkpoint(tmp_pat
 
 class EpochClock:
     """A wall clock for `TimeBudget` that the test runs: its first reading is the loop's start,
-    ``setup`` seconds after the run's, each later one the end of an epoch that took the next of
-    ``epoch_seconds``."""
+    ``setup`` seconds after the run's, each later one the next of ``intervals`` after the one
+    before (with fewer than 4 steps an epoch it is read at the end of each epoch; with more,
+    once more after the first quarter of the first epoch)."""
 
-    def __init__(self, setup: float, epoch_seconds: list[float]):
-        self.readings = itertools.accumulate([setup, *epoch_seconds])
+    def __init__(self, setup: float, intervals: list[float]):
+        self.readings = itertools.accumulate([setup, *intervals])
 
     def __call__(self) -> float:
         return next(self.readings)
 
 
-def budgeted_run(tmp_path, monkeypatch, epoch_seconds: list[float], name: str = "run", **settings) -> dict:
+def budgeted_run(
+    tmp_path, monkeypatch, epoch_seconds: list[float], name: str = "run", per_class: int = 8, **settings
+) -> dict:
     """A smoke run with a time budget of 100 s (at most 20 epochs) on the test's clock, which
-    says the run's setup took 5 s and each epoch what ``epoch_seconds`` says."""
+    says the run's setup took 5 s and each epoch what ``epoch_seconds`` says; ``per_class``
+    training images of each of 3 classes, in steps of 16 (8: one step an epoch)."""
     monkeypatch.setattr(TimeBudget, "clock", staticmethod(EpochClock(5, epoch_seconds)))
-    data = str(make_layout(tmp_path / "data", per_split=(24, 4, 4)))
+    data = str(make_layout(tmp_path / "data", per_split=(per_class, 4, 4)))
     settings = {"epochs": 20, "time_budget": 100, "batch_size": 16, "checkpoint_minutes": 0.0, **settings}
     return train(data, "smoke", tmp_path / name, started=0.0, **settings)
 
@@ -406,17 +410,30 @@ def test_a_time_budget_fits_the_schedule_to_the_epochs_it_buys(tmp_path, monkeyp
         return learning_rate(config, step, total_steps, steps_per_epoch)
 
     monkeypatch.setattr(training, "learning_rate", learning_rate_of)
-    # 15 s used after the first epoch of 10 s: 100 - 15 - 5 (to finish) left, which buys 8 more.
+    # 15 s used after the first epoch of 10 s: 100 - 15 - 5 (to finish) left, which buys 7 more
+    # epochs of 10.5 s (the pace with its margin of 5%).
     result = budgeted_run(tmp_path, monkeypatch, [10] * 20)
-    fitted = {"seconds": 100, "epochs": 9, "fitted": 9, "stopped_early": False, "first_epoch_seconds": 10.0}
+    fitted = {"seconds": 100, "epochs": 8, "fitted": 8, "stopped_early": False}
+    fitted.update(first_epoch_seconds=10.0, epoch_seconds=10.0)
     assert result["time_budget"] == fitted
-    assert result["epochs"] == list(range(1, 10))
-    steps_per_epoch = len(totals) // 9
-    assert set(totals[steps_per_epoch:]) == {9 * steps_per_epoch}  # warm-up and decay end with epoch 9
-    assert "time budget 100 s: 15 s used, the first epoch took 10.0 s, so the schedule is 9 epochs" in (
+    assert result["epochs"] == list(range(1, 9))
+    steps_per_epoch = len(totals) // 8
+    assert set(totals[steps_per_epoch:]) == {8 * steps_per_epoch}  # warm-up and decay end with epoch 8
+    assert "time budget 100 s: 15 s used, an epoch takes 10.0 s (the first 10.0 s), so the schedule is 8 epochs" in (
         capsys.readouterr().out
     )
     assert json.loads((tmp_path / "run" / "train.json").read_text())["time_budget"] == fitted
+
+
+@pytest.mark.slow
+def test_a_time_budget_paces_epochs_without_the_first_steps_one_off_costs(tmp_path, monkeypatch, capsys):
+    # 4 steps an epoch: the pace leaves out the first (4 s of the first epoch's 10): 6 s for the
+    # other 3, 8 s an epoch; 100 - 15 - 5 s then buy 9 more epochs of 8.4 s (with the margin),
+    # where the first epoch's 10 s would buy 7.
+    result = budgeted_run(tmp_path, monkeypatch, [4, 6] + [8] * 20, per_class=22)  # 66 images, 4 steps
+    assert result["time_budget"]["epochs"] == 10
+    assert result["time_budget"]["first_epoch_seconds"] == 10.0 and result["time_budget"]["epoch_seconds"] == 8.0
+    assert "an epoch takes 8.0 s (the first 10.0 s), so the schedule is 10 epochs" in capsys.readouterr().out
 
 
 def test_a_time_budget_never_buys_more_than_the_epochs_setting(tmp_path, monkeypatch, capsys):
@@ -427,21 +444,22 @@ def test_a_time_budget_never_buys_more_than_the_epochs_setting(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_a_run_that_falls_behind_stops_at_its_budget_with_the_epoch_validated_and_saved(tmp_path, monkeypatch, capsys):
-    # Fitted to 9 epochs of 10 s; from the fifth on they take 20 s: after the sixth (85 s used)
+    # Fitted to 8 epochs of 10 s; from the fifth on they take 20 s: after the sixth (85 s used)
     # the next would end past 100 - 5 s, so the sixth is the last, validated though
     # validate_every is 4, and checkpointed.
     result = budgeted_run(tmp_path, monkeypatch, [10, 10, 10, 10, 20, 20, 20, 20, 20], validate_every=4)
     assert result["time_budget"] == {
         "seconds": 100,
         "epochs": 6,
-        "fitted": 9,
+        "fitted": 8,
         "stopped_early": True,
         "first_epoch_seconds": 10.0,
+        "epoch_seconds": 10.0,
     }
     assert result["epochs"] == [4, 6]
     last = checkpoints.load(tmp_path / "run" / "checkpoints" / "last.pt")
     assert last["epoch"] == 5 and last["budget"] == result["time_budget"]
-    assert "time budget 100 s: stopping after epoch 6 of 9, as the next would end past it" in capsys.readouterr().out
+    assert "time budget 100 s: stopping after epoch 6 of 8, as the next would end past it" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -467,7 +485,7 @@ def test_a_budgeted_run_resumes_its_fitted_schedule_exactly(tmp_path, monkeypatc
     resumed = train(data, "smoke", tmp_path / "resumed", resume=True, epochs=20, time_budget=100, batch_size=16,
                     checkpoint_minutes=0.0)  # fmt: skip
     assert resumed["time_budget"] == uninterrupted["time_budget"]
-    assert resumed["epochs"] == uninterrupted["epochs"] == list(range(1, 10))
+    assert resumed["epochs"] == uninterrupted["epochs"] == list(range(1, 9))
     assert resumed["train_loss"] == uninterrupted["train_loss"]
     full, again = checkpoints.load(uninterrupted["last_checkpoint"]), checkpoints.load(resumed["last_checkpoint"])
     assert all(torch.equal(full["model"][key], again["model"][key]) for key in full["model"])

@@ -119,7 +119,8 @@ class Loop:
     length, each epoch's summed loss and correct images (on the device, this rank's), the numbers
     on their way back to the host, the progress bar, the stopwatch, the throughput's timing and
     the checkpoint writer into ``folder``. Of a data-parallel job's ``ranks``, rank 0 alone shows
-    progress and reports (``tracker`` is None on the others)."""
+    progress and reports (``tracker`` is None on the others). ``config.time_budget`` counts
+    from ``started`` (`TimeBudget`)."""
 
     def __init__(
         self,
@@ -129,6 +130,7 @@ class Loop:
         tracker,
         folder: Path,
         ranks: Ranks = ONE_PROCESS,
+        started: float | None = None,
     ):
         self.config, self.device, self.tracker, self.folder, self.ranks = state.config, device, tracker, folder, ranks
         config = state.config
@@ -151,12 +153,17 @@ class Loop:
         self.saved_at, self.saved_epoch, self.timed_from = time.monotonic(), state.epoch, None
         self.stopwatch = Stopwatch()
         self.writer = checkpoints.CheckpointWriter()
+        # A time budget decides once; a resumed run keeps what it decided.
+        budgeted = config.time_budget and not state.budget
+        self.budget = TimeBudget(config.time_budget, started, self.steps_per_epoch, ranks) if budgeted else None
 
     def after_step(self, state: TrainingState, loss: torch.Tensor, lr: float, n_images: int) -> None:
         """Counts the step of ``n_images`` (the whole job's), queues its loss (the mean over the
         ranks) every ``log_every`` steps and reports what has arrived."""
         self.step += 1
         self.window_images += n_images
+        if self.budget:
+            self.budget.after_step()
         self.progress.update()
         if self.step % self.config.log_every == 0:
             loss = self.ranks.averaged(loss.detach())
@@ -218,19 +225,31 @@ class Loop:
 class TimeBudget:
     """``--time-budget``: the run, from ``started`` (a `time.time()`), ends within ``seconds``.
 
-    After the first epoch (its training and validation) the schedule is fitted: as many epochs
-    as the rest of the budget buys at that epoch's pace, less `FINISH_SECONDS`, at most
-    ``config.epochs``, so that warm-up and decay end where they should. After each later epoch
-    the run ends where the next one, as long as the longest since, would end past the budget (a
-    machine that became slower). Rank 0's clock decides for every rank. What was decided is the
-    state's ``budget``, which checkpoints keep: a resumed run trains the fitted schedule as it is."""
+    After the first epoch the schedule is fitted: as many epochs as the rest of the budget
+    buys, less `FINISH_SECONDS`, at `PACE_MARGIN` times the pace, at most ``config.epochs``, so
+    that warm-up and decay end where they should. The pace is the first epoch's from its second
+    quarter on (training and validation; its first steps carry one-off costs: allocations, on a
+    GPU compilation). After each later epoch the run ends where the next one, as long as the
+    longest since, would end past the budget (a machine that became slower). Rank 0's clock
+    decides for every rank. What was decided is the state's ``budget``, which checkpoints keep:
+    a resumed run trains the fitted schedule as it is."""
 
     FINISH_SECONDS = 5.0  # after the last epoch: the last checkpoint, the curves, train.json, the task's closing
+    # Later epochs run a few percent slower than the first one's pace (checkpoints; on 2 CPU cores
+    # cpu-10min's averaged 7.9 s against a pace of 7.7 s): the schedule is fitted to epochs this much longer.
+    PACE_MARGIN = 1.05
     clock = staticmethod(time.time)  # what ``started`` was read from
 
-    def __init__(self, seconds: float, started: float, ranks: Ranks = ONE_PROCESS):
+    def __init__(self, seconds: float, started: float, steps_per_epoch: int, ranks: Ranks = ONE_PROCESS):
         self.seconds, self.started, self.ranks = seconds, started, ranks
+        self.steps_per_epoch, self.steps, self.skipped = steps_per_epoch, 0, steps_per_epoch // 4
         self.epoch_started, self.longest_epoch = self.clock(), 0.0
+        self.paced_from = self.epoch_started  # the time the pace is measured from
+
+    def after_step(self) -> None:
+        self.steps += 1
+        if self.steps == self.skipped:
+            self.paced_from = self.clock()
 
     def after_epoch(self, state: TrainingState, loop: Loop) -> None:
         """Fits the schedule after the first epoch; ends it here when the next epoch would overrun."""
@@ -239,13 +258,15 @@ class TimeBudget:
         left = self.seconds - (now - self.started) - self.FINISH_SECONDS
         budget, note = dict(state.budget), None
         if not budget:
-            fitted = min(state.config.epochs, state.epoch + max(0, int(left // epoch_seconds)))
+            pace = (now - self.paced_from) * self.steps_per_epoch / (self.steps - self.skipped)  # seconds an epoch
+            fitted = min(state.config.epochs, state.epoch + max(0, int(left // (pace * self.PACE_MARGIN))))
             budget = {"seconds": self.seconds, "epochs": fitted, "fitted": fitted, "stopped_early": False}
             budget["first_epoch_seconds"] = round(epoch_seconds, 2)
+            budget["epoch_seconds"] = round(pace, 2)
             cap = f" (--epochs {fitted}, the most it may train)" if fitted == state.config.epochs else ""
             note = (
-                f"time budget {self.seconds:g} s: {now - self.started:.0f} s used, the first epoch took "
-                f"{epoch_seconds:.1f} s, so the schedule is {fitted} epoch{'s' * (fitted > 1)}{cap}"
+                f"time budget {self.seconds:g} s: {now - self.started:.0f} s used, an epoch takes {pace:.1f} s "
+                f"(the first {epoch_seconds:.1f} s), so the schedule is {fitted} epoch{'s' * (fitted > 1)}{cap}"
             )
         else:
             self.longest_epoch = max(self.longest_epoch, epoch_seconds)
