@@ -63,7 +63,7 @@ def train_epoch(state: TrainingState, forward: Callable, splits: Splits, loop: L
     loop.stopwatch.lap("drawing the augmentation")
     state.model.train()  # a validation leaves it in eval mode
     for batch, size in zip(batches, sizes):
-        lr = learning_rate(config, loop.step, loop.total_steps, loop.steps_per_epoch)
+        lr = learning_rate(config, loop.step, loop.total_steps, loop.warmup_steps)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         images, labels, targets = batch_inputs(
@@ -93,7 +93,7 @@ def validate_and_checkpoint(state: TrainingState, splits: Splits, loop: Loop) ->
         if state.epoch == state.epochs and loop.unreported_from < state.epoch:
             validate(state, splits, loop)
     validated = loop.unreported_from == state.epoch  # a checkpoint holds every epoch's numbers
-    if loop.ranks.writer and validated and loop.saved_epoch < state.epoch:
+    if loop.ranks.writer and validated:
         checkpoint_due = time.monotonic() - loop.saved_at >= config.checkpoint_minutes * 60
         if state.epoch == state.epochs or checkpoint_due:
             loop.record_validations(state, wait=True)  # a checkpoint holds them all

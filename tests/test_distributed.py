@@ -140,6 +140,38 @@ def test_a_killed_rank_ends_the_job_in_seconds_and_resume_goes_on_exactly(shapes
         assert all(torch.equal(ours[key], theirs[key]) for key in theirs), name
 
 
+# components.train on a clock the test sets, one per rank: 5 s of setup, then 10 s an epoch; on
+# rank 0 20 s from the fifth epoch on.
+CLOCKED_TRAIN = """
+import itertools, os, sys
+import psutil
+from components.common.loop import TimeBudget
+from components.train import main
+slow_from = 4 if os.environ["RANK"] == "0" else 10**6
+epochs = (20 if n >= slow_from else 10 for n in itertools.count())
+readings = itertools.accumulate(itertools.chain([psutil.Process().create_time() + 5], epochs))
+TimeBudget.clock = staticmethod(lambda: next(readings))
+main(sys.argv[1:])
+"""
+
+
+def test_under_a_time_budget_every_rank_trains_the_schedule_rank_0_decided(shapes_zip, tmp_path):
+    # Fitted to 8 epochs of a 100 s budget after the first; rank 0's epochs then slow down, so
+    # it stops the job after the sixth, while rank 1's clock would train on: a rank that decided
+    # for itself would go on alone (the job hangs, or fails).
+    script = tmp_path / "clocked_train.py"
+    script.write_text(CLOCKED_TRAIN)
+    budget = ("--epochs", 20, "--time-budget", 100, "--batch-size", 256, "--checkpoint-minutes", 0)  # 2 steps an epoch
+    args = [*TORCHRUN, str(script), *command(shapes_zip, tmp_path / "run", *budget, launcher=())[2:]]
+    env = child_environment(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert trained["time_budget"]["fitted"] == 8 and trained["time_budget"]["epochs"] == 6
+    assert trained["epochs"] == list(range(1, 7))
+    assert result.stdout.count("time budget 100 s: stopping after epoch 6 of 8, as the next would end past it") == 1
+
+
 def test_a_batch_the_ranks_cannot_share_is_refused_in_one_line(shapes_zip, tmp_path):
     result = run(command(shapes_zip, tmp_path / "run", "--batch-size", 63, "--ranks", 2))
     assert result.returncode == 2

@@ -272,8 +272,8 @@ def test_a_failed_write_names_the_file_and_keeps_the_previous_checkpoint(tmp_pat
 
 
 def test_the_schedule_warms_up_then_decays_to_min_lr():
-    config = preset("smoke", lr=1e-3, min_lr=1e-5, warmup_epochs=2)
-    rates = [learning_rate(config, step, total_steps=100, steps_per_epoch=10) for step in range(100)]
+    config = preset("smoke", lr=1e-3, min_lr=1e-5)
+    rates = [learning_rate(config, step, total_steps=100, warmup_steps=20) for step in range(100)]
     assert rates[0] == pytest.approx(1e-3 / 20) and rates[19] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(rates[19:], rates[20:]))
     assert rates[-1] == pytest.approx(1e-5, abs=1e-6)
@@ -403,11 +403,12 @@ def budgeted_run(
 def test_a_time_budget_fits_the_schedule_to_the_epochs_it_buys(tmp_path, monkeypatch, capsys):
     import components.train as training
 
-    totals = []
+    totals, warmups = [], []
 
-    def learning_rate_of(config, step, total_steps, steps_per_epoch):
+    def learning_rate_of(config, step, total_steps, warmup_steps):
         totals.append(total_steps)
-        return learning_rate(config, step, total_steps, steps_per_epoch)
+        warmups.append(warmup_steps)
+        return learning_rate(config, step, total_steps, warmup_steps)
 
     monkeypatch.setattr(training, "learning_rate", learning_rate_of)
     # 15 s used after the first epoch of 10 s: 100 - 15 - 5 (to finish) left, which buys 7 more
@@ -418,7 +419,8 @@ def test_a_time_budget_fits_the_schedule_to_the_epochs_it_buys(tmp_path, monkeyp
     assert result["time_budget"] == fitted
     assert result["epochs"] == list(range(1, 9))
     steps_per_epoch = len(totals) // 8
-    assert set(totals[steps_per_epoch:]) == {8 * steps_per_epoch}  # warm-up and decay end with epoch 8
+    assert set(totals[steps_per_epoch:]) == {8 * steps_per_epoch}  # the decay ends with epoch 8
+    assert set(warmups[steps_per_epoch:]) == {0.5 * steps_per_epoch * 8 / 20}  # smoke's warm-up keeps its share
     assert "time budget 100 s: 15 s used, an epoch takes 10.0 s (the first 10.0 s), so the schedule is 8 epochs" in (
         capsys.readouterr().out
     )

@@ -135,7 +135,8 @@ class Loop:
         self.config, self.device, self.tracker, self.folder, self.ranks = state.config, device, tracker, folder, ranks
         config = state.config
         self.steps_per_epoch = len_epoch(n_train, config.batch_size)
-        self.total_steps, self.step = state.epochs * self.steps_per_epoch, state.epoch * self.steps_per_epoch
+        self.step = state.epoch * self.steps_per_epoch
+        self.schedule(state.epochs)
         self.first_epoch = self.unreported_from = state.epoch
         self.autocast = mixed_precision(device)
         self.progress = tqdm(
@@ -150,12 +151,12 @@ class Loop:
         self.epoch_sums = torch.zeros(config.epochs, 2, device=device)
         self.step_losses, self.validations = DeviceScalars(device), DeviceScalars(device)
         self.window_start, self.window_images = time.perf_counter(), 0
-        self.saved_at, self.saved_epoch, self.timed_from = time.monotonic(), state.epoch, None
+        self.saved_at, self.timed_from = time.monotonic(), None
         self.stopwatch = Stopwatch()
         self.writer = checkpoints.CheckpointWriter()
         # A time budget decides once; a resumed run keeps what it decided.
         budgeted = config.time_budget and not state.budget
-        self.budget = TimeBudget(config.time_budget, started, self.steps_per_epoch, ranks) if budgeted else None
+        self.budget = TimeBudget(config.time_budget, started, self.steps_per_epoch, device, ranks) if budgeted else None
 
     def after_step(self, state: TrainingState, loss: torch.Tensor, lr: float, n_images: int) -> None:
         """Counts the step of ``n_images`` (the whole job's), queues its loss (the mean over the
@@ -185,11 +186,17 @@ class Loop:
 
     def save(self, state: TrainingState) -> None:
         self.writer.save({self.folder / name: payload for name, payload in state.to_checkpoint().items()})
-        self.saved_at, self.saved_epoch = time.monotonic(), state.epoch
+        self.saved_at = time.monotonic()
+
+    def schedule(self, epochs: int) -> None:
+        """The learning-rate schedule is ``epochs`` long; a shorter one than ``config.epochs`` (a
+        time budget's) shortens the warm-up in proportion, so that it keeps its share."""
+        self.total_steps = epochs * self.steps_per_epoch
+        self.warmup_steps = self.config.warmup_epochs * self.steps_per_epoch * epochs / self.config.epochs
 
     def fit_schedule(self, epochs: int) -> None:
         """The schedule is ``epochs`` long from now on (a time budget's decision)."""
-        self.total_steps = epochs * self.steps_per_epoch
+        self.schedule(epochs)
         self.progress.total = self.total_steps
         self.progress.refresh()
 
@@ -226,13 +233,14 @@ class TimeBudget:
     """``--time-budget``: the run, from ``started`` (a `time.time()`), ends within ``seconds``.
 
     After the first epoch the schedule is fitted: as many epochs as the rest of the budget
-    buys, less `FINISH_SECONDS`, at `PACE_MARGIN` times the pace, at most ``config.epochs``, so
-    that warm-up and decay end where they should. The pace is the first epoch's from its second
-    quarter on (training and validation; its first steps carry one-off costs: allocations, on a
-    GPU compilation). After each later epoch the run ends where the next one, as long as the
-    longest since, would end past the budget (a machine that became slower). Rank 0's clock
-    decides for every rank. What was decided is the state's ``budget``, which checkpoints keep:
-    a resumed run trains the fitted schedule as it is."""
+    buys, less `FINISH_SECONDS`, at `PACE_MARGIN` times the pace, at most ``config.epochs``; the
+    warm-up keeps its share of it (`Loop.schedule`), the decay ends with it. The pace is the first
+    epoch's from its second quarter on (training and validation; its first steps carry one-off
+    costs: allocations, on a GPU compilation), timed with the device idle. After each later epoch
+    the run ends where the next one, as long as the longest since, would end past the budget (a
+    machine that became slower). Rank 0 decides for every rank. What was decided is the state's
+    ``budget``, which checkpoints keep: a resumed run trains the fitted schedule as it is, without
+    a clock (its result then equals the uninterrupted run's)."""
 
     FINISH_SECONDS = 5.0  # after the last epoch: the last checkpoint, the curves, train.json, the task's closing
     # Later epochs run a few percent slower than the first one's pace (checkpoints; on 2 CPU cores
@@ -240,43 +248,53 @@ class TimeBudget:
     PACE_MARGIN = 1.05
     clock = staticmethod(time.time)  # what ``started`` was read from
 
-    def __init__(self, seconds: float, started: float, steps_per_epoch: int, ranks: Ranks = ONE_PROCESS):
-        self.seconds, self.started, self.ranks = seconds, started, ranks
+    def __init__(
+        self, seconds: float, started: float, steps_per_epoch: int, device: torch.device, ranks: Ranks = ONE_PROCESS
+    ):
+        self.seconds, self.started, self.device, self.ranks = seconds, started, device, ranks
         self.steps_per_epoch, self.steps, self.skipped = steps_per_epoch, 0, steps_per_epoch // 4
         self.epoch_started, self.longest_epoch = self.clock(), 0.0
         self.paced_from = self.epoch_started  # the time the pace is measured from
 
+    def idle_clock(self) -> float:
+        """The clock once the device has done what was queued (read for the fit, twice a run)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return self.clock()
+
     def after_step(self) -> None:
         self.steps += 1
         if self.steps == self.skipped:
-            self.paced_from = self.clock()
+            self.paced_from = self.idle_clock()
 
     def after_epoch(self, state: TrainingState, loop: Loop) -> None:
         """Fits the schedule after the first epoch; ends it here when the next epoch would overrun."""
-        now = self.clock()
+        budget, note = self.ranks.broadcast(self.decide(state) if self.ranks.writer else None)
+        if budget != state.budget:
+            state.budget = budget
+            loop.fit_schedule(budget["epochs"])
+            if self.ranks.writer:
+                loop.progress.write(note)
+
+    def decide(self, state: TrainingState) -> tuple[dict, str | None]:
+        """The state's ``budget`` after this epoch, and a line to print when it changed."""
+        now = self.idle_clock() if not state.budget else self.clock()
         epoch_seconds, self.epoch_started = now - self.epoch_started, now
         left = self.seconds - (now - self.started) - self.FINISH_SECONDS
-        budget, note = dict(state.budget), None
-        if not budget:
+        if not state.budget:
             pace = (now - self.paced_from) * self.steps_per_epoch / (self.steps - self.skipped)  # seconds an epoch
             fitted = min(state.config.epochs, state.epoch + max(0, int(left // (pace * self.PACE_MARGIN))))
             budget = {"seconds": self.seconds, "epochs": fitted, "fitted": fitted, "stopped_early": False}
-            budget["first_epoch_seconds"] = round(epoch_seconds, 2)
-            budget["epoch_seconds"] = round(pace, 2)
+            budget.update(first_epoch_seconds=round(epoch_seconds, 2), epoch_seconds=round(pace, 2))
             cap = f" (--epochs {fitted}, the most it may train)" if fitted == state.config.epochs else ""
-            note = (
+            return budget, (
                 f"time budget {self.seconds:g} s: {now - self.started:.0f} s used, an epoch takes {pace:.1f} s "
                 f"(the first {epoch_seconds:.1f} s), so the schedule is {fitted} epoch{'s' * (fitted > 1)}{cap}"
             )
-        else:
-            self.longest_epoch = max(self.longest_epoch, epoch_seconds)
-            if state.epoch < budget["epochs"] and left < self.longest_epoch:
-                budget.update(epochs=state.epoch, stopped_early=True)
-                note = (
-                    f"time budget {self.seconds:g} s: stopping after epoch {state.epoch} of {budget['fitted']}, "
-                    f"as the next would end past it"
-                )
-        earlier, state.budget = state.budget, self.ranks.broadcast(budget)  # rank 0's
-        if state.budget != earlier:
-            loop.fit_schedule(state.budget["epochs"])
-            loop.progress.write(note)
+        self.longest_epoch = max(self.longest_epoch, epoch_seconds)
+        if state.epoch < state.budget["epochs"] and left < self.longest_epoch:
+            return {**state.budget, "epochs": state.epoch, "stopped_early": True}, (
+                f"time budget {self.seconds:g} s: stopping after epoch {state.epoch} of {state.budget['fitted']}, "
+                f"as the next would end past it"
+            )
+        return state.budget, None

@@ -251,7 +251,6 @@ class FinetuneConfig:
     seed: int = 0
     hflip: bool = True
     min_lr: float = 0.0
-    warmup_epochs: float = 0.0
     grad_clip: float = 1.0
     rand_augment: int = 0
     random_erasing: float = 0.0

@@ -34,7 +34,7 @@ def finetune(model: ViT, images: np.ndarray, labels: np.ndarray, config: Finetun
     losses = []
     for step, batch in zip(tqdm(range(config.steps), desc="fine-tune", unit="step"), batches):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step, config.steps, steps_per_epoch=1)
+            group["lr"] = learning_rate(config, step, config.steps, warmup_steps=0)
         targets = F.one_hot(labels.index_select(0, batch.index), model.config["n_classes"]).float()
         loss, _ = optimization_step(model, model, optimizer, augment(images, batch), targets, config, autocast)
         losses.append(loss.detach())

@@ -92,12 +92,11 @@ def optimization_step(
     return loss, logits
 
 
-def learning_rate(config: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to ``min_lr``."""
-    warmup = config.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
+def learning_rate(config: TrainConfig, step: int, total_steps: int, warmup_steps: float) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``total_steps``."""
+    if step < warmup_steps:
+        return config.lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -176,10 +175,6 @@ def decoded_splits(dataset: DataVersion, config: TrainConfig, device: torch.devi
     return Splits(*(torch.from_numpy(array).to(device) for array in (*train_split, *valid_split)))
 
 
-# Settings added after checkpoints were first written, with the value that reproduces those runs.
-LATER_SETTINGS = {"time_budget": 0.0}
-
-
 @dataclass
 class TrainingState:
     """What a checkpoint holds and a resume restores: the settings, the classes and data version
@@ -244,7 +239,7 @@ class TrainingState:
             return None
         advice = "a damaged last.pt has best.pt beside it: --init it into a new --output, or --overwrite to start over"
         saved = checkpoints.load(path, advice)
-        saved["train_config"] = {**LATER_SETTINGS, **saved["train_config"]}
+        saved["train_config"] = {**asdict(TrainConfig()), **saved["train_config"]}  # later settings: defaults
         if saved["train_config"] != asdict(config):
             raise ConfigError(
                 f"--resume: {path} was trained with other settings; resume with the same preset and "
