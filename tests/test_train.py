@@ -438,6 +438,48 @@ def test_a_time_budget_paces_epochs_without_the_first_steps_one_off_costs(tmp_pa
     assert "an epoch takes 8.0 s (the first 10.0 s), so the schedule is 10 epochs" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("epoch_seconds", "budget", "said"),
+    [
+        # The first epoch takes 20 s (other work starting with it): 100 - 25 - 5 s left buy 3 more
+        # of 21 s (with the margin). The second takes 10 s: the 60 s left then buy 5 more, so the
+        # schedule is fitted again, to 7 epochs, and the run ends at 95 s instead of 65 s.
+        (
+            [20] + [10] * 19,
+            dict(epochs=7, fitted=7, stopped_early=False, first_epoch_seconds=20.0, epoch_seconds=10.0),
+            "35 s used, the epochs since the first took 10.0 s each, so the schedule is now 7 epochs",
+        ),
+        # Fitted to 8 epochs of 10 s; the third takes 20 s: 50 s left buy 3 more at the 15 s that
+        # the second and third took, so the decay now ends with epoch 6, which the budget then
+        # leaves out as the next would end past it: 1 epoch of the decay cut instead of 3.
+        (
+            [10, 10] + [20] * 18,
+            dict(epochs=5, fitted=6, stopped_early=True, first_epoch_seconds=10.0, epoch_seconds=15.0),
+            "45 s used, the epochs since the first took 15.0 s each, so the schedule is now 6 epochs",
+        ),
+    ],
+    ids=["faster-after-the-first-epoch", "slower-in-the-first-half"],
+)
+def test_through_its_first_half_a_budget_fits_the_schedule_again_at_the_later_epochs_pace(
+    tmp_path, monkeypatch, capsys, epoch_seconds, budget, said
+):
+    import components.train as training
+
+    totals = []
+
+    def learning_rate_of(config, step, total_steps, warmup_steps):
+        totals.append(total_steps)
+        return learning_rate(config, step, total_steps, warmup_steps)
+
+    monkeypatch.setattr(training, "learning_rate", learning_rate_of)
+    result = budgeted_run(tmp_path, monkeypatch, epoch_seconds)  # one step an epoch
+    assert result["time_budget"] == {"seconds": 100, **budget}
+    assert result["epochs"] == list(range(1, budget["epochs"] + 1))
+    assert totals[-1] == budget["fitted"]  # the decay ends with the schedule as last fitted
+    assert f"time budget 100 s: {said}" in capsys.readouterr().out
+
+
 def test_a_time_budget_never_buys_more_than_the_epochs_setting(tmp_path, monkeypatch, capsys):
     result = budgeted_run(tmp_path, monkeypatch, [1] * 20, epochs=6)
     assert result["time_budget"]["epochs"] == 6 and result["epochs"] == list(range(1, 7))

@@ -236,16 +236,21 @@ class TimeBudget:
     buys, less `FINISH_SECONDS`, at `PACE_MARGIN` times the pace, at most ``config.epochs``; the
     warm-up keeps its share of it (`Loop.schedule`), the decay ends with it. The pace is the first
     epoch's from its second quarter on (training and validation; its first steps carry one-off
-    costs: allocations, on a GPU compilation), timed with the device idle. After each later epoch
-    the run ends where the next one, as long as the longest since, would end past the budget (a
-    machine that became slower). Rank 0 decides for every rank. What was decided is the state's
-    ``budget``, which checkpoints keep: a resumed run trains the fitted schedule as it is, without
-    a clock (its result then equals the uninterrupted run's)."""
+    costs: allocations, on a GPU compilation), timed with the device idle. Through the first half
+    of the schedule it is fitted again, at the pace of the epochs since the first, where that
+    moves its end by `REFIT_EPOCHS` or more: a machine whose first epoch ran slow (other work
+    starting with it, the clock speed drifting) would otherwise end its run minutes early, and one
+    that slowed down would have its decay cut. After each later epoch the run ends where the next
+    one, as long as the longest since, would end past the budget. Rank 0 decides for every rank.
+    What was decided is the state's ``budget``, which checkpoints keep: a resumed run trains the
+    schedule as last fitted, without a clock (its result then equals the uninterrupted run's
+    where that fitted no more after the checkpoint and did not stop early)."""
 
     FINISH_SECONDS = 5.0  # after the last epoch: the last checkpoint, the curves, train.json, the task's closing
-    # Later epochs run a few percent slower than the first one's pace (checkpoints; on 2 CPU cores
-    # cpu-10min's averaged 7.9 s against a pace of 7.7 s): the schedule is fitted to epochs this much longer.
+    # Epochs vary (checkpoints, other work on the machine): the schedule is fitted to epochs this
+    # much longer than the pace, so that the budget seldom has to cut its decay short.
     PACE_MARGIN = 1.05
+    REFIT_EPOCHS = 2  # a smaller change of the schedule's length is left alone: the pace's noise
     clock = staticmethod(time.time)  # what ``started`` was read from
 
     def __init__(
@@ -255,9 +260,10 @@ class TimeBudget:
         self.steps_per_epoch, self.steps, self.skipped = steps_per_epoch, 0, steps_per_epoch // 4
         self.epoch_started, self.longest_epoch = self.clock(), 0.0
         self.paced_from = self.epoch_started  # the time the pace is measured from
+        self.paced_epoch = 0  # the epoch it is measured from
 
     def idle_clock(self) -> float:
-        """The clock once the device has done what was queued (read for the fit, twice a run)."""
+        """The clock once the device has done what was queued (read for the fits)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return self.clock()
@@ -268,7 +274,8 @@ class TimeBudget:
             self.paced_from = self.idle_clock()
 
     def after_epoch(self, state: TrainingState, loop: Loop) -> None:
-        """Fits the schedule after the first epoch; ends it here when the next epoch would overrun."""
+        """Fits the schedule after the first epoch and again through its first half; ends it here
+        when the next epoch would overrun."""
         budget, note = self.ranks.broadcast(self.decide(state) if self.ranks.writer else None)
         if budget != state.budget:
             state.budget = budget
@@ -278,23 +285,41 @@ class TimeBudget:
 
     def decide(self, state: TrainingState) -> tuple[dict, str | None]:
         """The state's ``budget`` after this epoch, and a line to print when it changed."""
-        now = self.idle_clock() if not state.budget else self.clock()
+        fitting = not state.budget or state.epoch <= state.budget["fitted"] // 2
+        now = self.idle_clock() if fitting else self.clock()
         epoch_seconds, self.epoch_started = now - self.epoch_started, now
         left = self.seconds - (now - self.started) - self.FINISH_SECONDS
         if not state.budget:
             pace = (now - self.paced_from) * self.steps_per_epoch / (self.steps - self.skipped)  # seconds an epoch
-            fitted = min(state.config.epochs, state.epoch + max(0, int(left // (pace * self.PACE_MARGIN))))
+            self.paced_from, self.paced_epoch = now, state.epoch
+            fitted = self.epochs_bought(state, left, pace)
             budget = {"seconds": self.seconds, "epochs": fitted, "fitted": fitted, "stopped_early": False}
             budget.update(first_epoch_seconds=round(epoch_seconds, 2), epoch_seconds=round(pace, 2))
-            cap = f" (--epochs {fitted}, the most it may train)" if fitted == state.config.epochs else ""
             return budget, (
                 f"time budget {self.seconds:g} s: {now - self.started:.0f} s used, an epoch takes {pace:.1f} s "
-                f"(the first {epoch_seconds:.1f} s), so the schedule is {fitted} epoch{'s' * (fitted > 1)}{cap}"
+                f"(the first {epoch_seconds:.1f} s), so the schedule is {schedule_text(fitted, state)}"
             )
         self.longest_epoch = max(self.longest_epoch, epoch_seconds)
+        if fitting:
+            pace = (now - self.paced_from) / (state.epoch - self.paced_epoch)
+            fitted = self.epochs_bought(state, left, pace)
+            if abs(fitted - state.budget["fitted"]) >= self.REFIT_EPOCHS:
+                return {**state.budget, "epochs": fitted, "fitted": fitted, "epoch_seconds": round(pace, 2)}, (
+                    f"time budget {self.seconds:g} s: {now - self.started:.0f} s used, the epochs since the first "
+                    f"took {pace:.1f} s each, so the schedule is now {schedule_text(fitted, state)}"
+                )
         if state.epoch < state.budget["epochs"] and left < self.longest_epoch:
             return {**state.budget, "epochs": state.epoch, "stopped_early": True}, (
                 f"time budget {self.seconds:g} s: stopping after epoch {state.epoch} of {state.budget['fitted']}, "
                 f"as the next would end past it"
             )
         return state.budget, None
+
+    def epochs_bought(self, state: TrainingState, left: float, pace: float) -> int:
+        """The schedule's length when ``left`` seconds remain after this epoch, at ``pace`` each."""
+        return min(state.config.epochs, state.epoch + max(0, int(left // (pace * self.PACE_MARGIN))))
+
+
+def schedule_text(fitted: int, state: TrainingState) -> str:
+    cap = f" (--epochs {fitted}, the most it may train)" if fitted == state.config.epochs else ""
+    return f"{fitted} epoch{'s' * (fitted > 1)}{cap}"

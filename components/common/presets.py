@@ -36,9 +36,9 @@ class TrainConfig:
     epochs: int = setting(100, "training epochs (with --time-budget, the most it may train)")
     time_budget: float = setting(
         0.0,
-        "seconds the whole run may take, start to end: the first epoch's time decides how many epochs (at most "
-        "--epochs) fit, the learning-rate schedule is fitted to them, and a run that falls behind stops where the "
-        "next epoch would end past the budget; 0: no budget",
+        "seconds the whole run may take, start to end: the pace of the epochs so far decides how many (at most "
+        "--epochs) fit, until half of them are done, the learning-rate schedule is fitted to them, and a run that "
+        "falls behind stops where the next epoch would end past the budget; 0: no budget",
     )
     batch_size: int = setting(128, "images per step")
     lr: float = setting(1e-3, "peak learning rate of AdamW")
