@@ -237,14 +237,15 @@ class TimeBudget:
     warm-up keeps its share of it (`Loop.schedule`), the decay ends with it. The pace is the first
     epoch's from its second quarter on (training and validation; its first steps carry one-off
     costs: allocations, on a GPU compilation), timed with the device idle. Through the first half
-    of the schedule it is fitted again, at the pace of the epochs since the first, where that
-    moves its end by `REFIT_EPOCHS` or more: a machine whose first epoch ran slow (other work
-    starting with it, the clock speed drifting) would otherwise end its run minutes early, and one
-    that slowed down would have its decay cut. After each later epoch the run ends where the next
-    one, as long as the longest since, would end past the budget. Rank 0 decides for every rank.
-    What was decided is the state's ``budget``, which checkpoints keep: a resumed run trains the
-    schedule as last fitted, without a clock (its result then equals the uninterrupted run's
-    where that fitted no more after the checkpoint and did not stop early)."""
+    of the schedule it is fitted again, at the pace of the epochs since the first, each time those
+    have doubled in number (after epochs 2, 3, 5, 9, 17, ...), where that moves its end by
+    `REFIT_EPOCHS` or more: a machine whose first epoch ran slow (other work starting with it, the
+    clock speed drifting) would otherwise end its run minutes early, and one that slowed down
+    would have its decay cut. After each later epoch the run ends where the next one, as long as
+    the longest since, would end past the budget. Rank 0 decides for every rank. What was decided
+    is the state's ``budget``, which checkpoints keep: a resumed run trains the schedule as last
+    fitted, without a clock (its result then equals the uninterrupted run's where that fitted no
+    more after the checkpoint and did not stop early)."""
 
     FINISH_SECONDS = 5.0  # after the last epoch: the last checkpoint, the curves, train.json, the task's closing
     # Epochs vary (checkpoints, other work on the machine): the schedule is fitted to epochs this
@@ -285,7 +286,8 @@ class TimeBudget:
 
     def decide(self, state: TrainingState) -> tuple[dict, str | None]:
         """The state's ``budget`` after this epoch, and a line to print when it changed."""
-        fitting = not state.budget or state.epoch <= state.budget["fitted"] // 2
+        since = state.epoch - self.paced_epoch  # epochs since the first fit
+        fitting = not state.budget or (state.epoch <= state.budget["fitted"] // 2 and (since & (since - 1)) == 0)
         now = self.idle_clock() if fitting else self.clock()
         epoch_seconds, self.epoch_started = now - self.epoch_started, now
         left = self.seconds - (now - self.started) - self.FINISH_SECONDS
@@ -301,7 +303,7 @@ class TimeBudget:
             )
         self.longest_epoch = max(self.longest_epoch, epoch_seconds)
         if fitting:
-            pace = (now - self.paced_from) / (state.epoch - self.paced_epoch)
+            pace = (now - self.paced_from) / since
             fitted = self.epochs_bought(state, left, pace)
             if abs(fitted - state.budget["fitted"]) >= self.REFIT_EPOCHS:
                 return {**state.budget, "epochs": fitted, "fitted": fitted, "epoch_seconds": round(pace, 2)}, (
