@@ -96,10 +96,11 @@ PRESETS: dict[str, TrainConfig] = {
         crop_scale=0.6,
     ),
     # Ten minutes of training on any CPU: six narrow blocks, patch 8 at 48x48, 28 steps of 128
-    # images an epoch on either data set, as many epochs as 600 s buy (47-72 on 2 cores of an
-    # AMD EPYC), at most 90. Crops keep at least 80% of an image: with 50%, the model saw garments
-    # larger than the test images show and learnt 5 points less in the same time
-    # (benchmarks/RESULTS.md, "How we got here" and "cpu-10min against the classic baselines").
+    # images an epoch on either data set, as many epochs as 600 s buy (46-72 on 2 cores of an
+    # AMD EPYC, whose speed varied by a third between runs), at most 90. Crops keep at least 80%
+    # of an image: with 50%, the model saw garments larger than the test images show and learnt
+    # 5 points less in the same time (benchmarks/RESULTS.md, "How we got here" and "cpu-10min
+    # against the classic baselines").
     "cpu-10min": TrainConfig(
         model="vit-mini",
         image_size=48,
