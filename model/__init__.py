@@ -5,24 +5,30 @@ from model.presets import MODEL_PRESETS, model_config
 from model.vit import (
     ATTENTION_IMPLEMENTATIONS,
     MLP,
+    STEMS,
+    ConvTokenizer,
     EncoderBlock,
     LinearProjector,
     MultiHeadSelfAttention,
     PatchEmbedder,
     ScaledDotProductAttention,
     ViT,
+    check_stem,
 )
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
     "MLP",
     "MODEL_PRESETS",
+    "STEMS",
+    "ConvTokenizer",
     "EncoderBlock",
     "LinearProjector",
     "MultiHeadSelfAttention",
     "PatchEmbedder",
     "ScaledDotProductAttention",
     "ViT",
+    "check_stem",
     "model_config",
     "resize_pos_embed",
 ]

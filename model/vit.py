@@ -20,6 +20,11 @@ Attention comes in three implementations behind one switch (``attention=``):
 They share one state-dict layout (timm's ``qkv`` layout), so a checkpoint written by one
 loads into any other and ``ViT.to_attention`` converts without loss.
 
+``stem="conv"`` puts a convolutional tokenizer (``ConvTokenizer``, after Hassani et al.'s
+Compact Convolutional Transformers) in place of the linear patch projection E, for small data
+sets. Its tokens lie on the same patch grid, so the position embeddings, their interpolation
+and the attention after them are the paper's.
+
 At another image size than the trained one, ``set_image_size`` interpolates the position
 embeddings (the paper's way); ``forward(images, interpolate_pos_embed=True)`` does it for one
 call, inside the autograd graph, which is how the trainer trains at several sizes (a model
@@ -81,6 +86,62 @@ class PatchEmbedder(nn.Module):
         patches = images.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
         return self.proj(patches.reshape(n, (h // p) * (w // p), c * p * p))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """LeCun normal, as the paper's reference code initialises E."""
+        nn.init.trunc_normal_(self.proj.weight, std=math.sqrt(1.0 / self.proj.in_features) / 0.87962566103423978)
+        nn.init.zeros_(self.proj.bias)
+
+
+class ConvTokenizer(nn.Module):
+    """Convolutions in place of the linear patch projection, after the tokenizer of Compact
+    Convolutional Transformers (Hassani et al. 2021, "Escaping the Big Data Paradigm with Compact
+    Transformers"): log2(p) blocks of a 3x3 convolution, a ReLU and a 3x3 max-pool of stride 2,
+    D/2 channels wide but the last, D wide. The tokens lie on the patches'
+    (H/p)(W/p) grid, but each sees overlapping neighbourhoods of the image and is invariant to
+    small shifts: a CNN's prior, which a few thousand images cannot teach a linear projection in
+    a short run.
+
+    (N, C, H, W) -> (N, D/2, H/2, W/2) -> ... -> (N, D, H/p, W/p) -> (N, (H/p)(W/p), D)
+    """
+
+    def __init__(self, patch_size: int, in_channels: int, embed_dim: int):
+        super().__init__()
+        blocks = patch_size.bit_length() - 1
+        widths = [in_channels] + [embed_dim // 2] * (blocks - 1) + [embed_dim]
+        self.convs = nn.Sequential(
+            *(
+                nn.Sequential(
+                    nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1)
+                )
+                for c_in, c_out in zip(widths, widths[1:])
+            )
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.convs(images).flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """He normal, as CCT initialises its tokenizer."""
+        for block in self.convs:
+            nn.init.kaiming_normal_(block[0].weight)
+
+
+STEMS = {"linear": PatchEmbedder, "conv": ConvTokenizer}
+
+
+def check_stem(stem: str, patch_size: int) -> None:
+    """Raises ValueError, saying what to choose, for an unknown stem or one that cannot make
+    tokens of this patch size."""
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+    if stem == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
+        raise ValueError(
+            f"the convolutional tokenizer halves the image log2(patch size) times, so it needs a power-of-2 patch "
+            f"size from 2 on, not {patch_size}"
+        )
+
 
 class LinearProjector(nn.Module):
     """Patch vectors with the learned class token prepended and position embeddings added.
@@ -93,11 +154,13 @@ class LinearProjector(nn.Module):
     only, inside the autograd graph: training at several sizes trains the one set of them.
     """
 
-    def __init__(self, image_size, patch_size: int, in_channels: int, embed_dim: int, dropout_rate: float):
+    def __init__(
+        self, image_size, patch_size: int, in_channels: int, embed_dim: int, dropout_rate: float, stem: str = "linear"
+    ):
         super().__init__()
         self.patch_size = patch_size
         self.grid = _grid(_pair(image_size), patch_size)
-        self.patch_embedder = PatchEmbedder(patch_size, in_channels, embed_dim)
+        self.patch_embedder = STEMS[stem](patch_size, in_channels, embed_dim)
         self.class_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
         self.dropout = nn.Dropout(dropout_rate)
@@ -299,9 +362,10 @@ class ViT(nn.Module):
 
     ``drop_path_rate`` is the stochastic-depth rate of the last block, rising linearly from 0
     at the first (as in DeiT). ``attention_scale`` multiplies the attention logits beyond
-    1/sqrt(d): 1 as trained, see ``set_attention_scale``. ``config`` holds every constructor
-    argument, so
-    ``ViT(**model.config)`` rebuilds the architecture of a checkpoint.
+    1/sqrt(d): 1 as trained, see ``set_attention_scale``. ``stem``: how images become tokens,
+    "linear" (the paper's patch projection, ``PatchEmbedder``) or "conv" (``ConvTokenizer``).
+    ``config`` holds every constructor argument, so ``ViT(**model.config)`` rebuilds the
+    architecture of a checkpoint.
     """
 
     def __init__(
@@ -319,8 +383,10 @@ class ViT(nn.Module):
         attention: str = "sdpa",
         drop_path_rate: float = 0.0,
         attention_scale: float = 1.0,
+        stem: str = "linear",
     ):
         super().__init__()
+        check_stem(stem, patch_size)
         image_size = _pair(image_size)
         self.config = dict(
             image_size=list(image_size),
@@ -336,8 +402,9 @@ class ViT(nn.Module):
             attention=attention,
             drop_path_rate=drop_path_rate,
             attention_scale=attention_scale,
+            stem=stem,
         )
-        self.projector = LinearProjector(image_size, patch_size, in_channels, embed_dim, dropout_rate)
+        self.projector = LinearProjector(image_size, patch_size, in_channels, embed_dim, dropout_rate, stem)
         self.blocks = nn.Sequential(
             *(
                 EncoderBlock(
@@ -371,12 +438,10 @@ class ViT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The initialisation of the paper's reference code (big_vision / timm's ``jax`` mode):
-        LeCun-normal patch embedding, Xavier-uniform linear layers (Q, K, V as one fused
-        matrix whatever the implementation), tiny MLP biases, N(0, 0.02) position embeddings,
-        a zero class token and a zero head."""
-        patches = self.projector.patch_embedder.proj
-        nn.init.trunc_normal_(patches.weight, std=math.sqrt(1.0 / patches.in_features) / 0.87962566103423978)
-        nn.init.zeros_(patches.bias)
+        LeCun-normal patch embedding (a convolutional tokenizer: He normal), Xavier-uniform linear
+        layers (Q, K, V as one fused matrix whatever the implementation), tiny MLP biases,
+        N(0, 0.02) position embeddings, a zero class token and a zero head."""
+        self.projector.patch_embedder.reset_parameters()
         nn.init.normal_(self.projector.pos_embed, std=0.02)
         nn.init.zeros_(self.projector.class_token)
         for block in self.blocks:

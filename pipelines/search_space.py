@@ -57,7 +57,9 @@ def default_space(preset_name: str, **fixed) -> list[Dimension]:
     if config.train_sizes or config.init:  # trained at several sizes, or from pretrained weights: kept
         return space
     patch = architecture(config)["patch_size"]
-    ladder = [name for name in MODEL_PRESETS if MODEL_PRESETS[name]["patch_size"] == patch]
+    # the model sizes cut like the preset's own (a --patch-size the preset sets applies to each)
+    cut = MODEL_PRESETS[config.model]["patch_size"]
+    ladder = [name for name in MODEL_PRESETS if MODEL_PRESETS[name]["patch_size"] == cut]
     position = ladder.index(config.model)
     space.append(Dimension("model", choices=tuple(ladder[max(0, position - 1) : position + 2])))
     sizes = (config.image_size - patch, config.image_size, config.image_size + patch)

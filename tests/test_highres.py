@@ -161,6 +161,21 @@ def test_interpolate_finetune_keeps_the_share_of_the_change_with_the_lowest_vali
     assert split_metrics(model, images, labels, torch.device("cpu"))["loss"] == pytest.approx(curve["loss"].min())
 
 
+def test_a_model_with_the_convolutional_tokenizer_trains_and_moves_to_twice_its_size(shapes_zip, tmp_path):
+    # cpu-10min's kind of model, end to end: trained at 16 from tokens of its convolutions, then
+    # at 32 with the position embeddings interpolated and fine-tuned.
+    from components.train import train
+
+    trained = train(str(shapes_zip), "smoke", tmp_path / "train", stem="conv", patch_size=4, image_size=16, epochs=4)
+    assert checkpoints.read_weights(Path(trained["checkpoint"]))["config"]["stem"] == "conv"
+    result = highres(
+        trained["checkpoint"], str(shapes_zip), tmp_path / "highres.json", 32, FinetuneConfig(steps=10), "cpu"
+    )
+    assert result["image_size"] == 32 and result["trained_image_size"] == 16
+    moved = checkpoints.read_weights(Path(result["checkpoint"]))
+    assert moved["config"]["stem"] == "conv" and moved["config"]["image_size"] == [32, 32]
+
+
 def test_mcnemar_p_is_the_two_sided_binomial_tail_of_the_changed_images():
     assert mcnemar_p(0, 0) == 1.0  # nothing changed: no evidence either way
     assert mcnemar_p(10, 0) == mcnemar_p(0, 10) == 2 / 2**10  # all ten changes one way

@@ -99,6 +99,12 @@ def test_another_architecture_is_refused_with_the_setting_to_change(tmp_path, ti
         initial_weights(source, model_config("vit-tiny-test", image_size=32))
 
 
+def test_weights_of_the_other_stem_are_refused_with_the_stem_to_train(tmp_path):
+    paper = saved(random_timm(), tmp_path / "timm.pt")  # timm's ViTs project patches linearly
+    with pytest.raises(ValueError, match=r"stem linear \(this model: conv\): train with --stem linear$"):
+        initial_weights(paper, model_config("vit-tiny-test", image_size=32, stem="conv"))
+
+
 def test_the_architecture_is_checked_before_the_data_is_touched(tmp_path):
     source = saved(random_timm(patch_size=4), tmp_path / "timm.pt")
     unreadable = make_layout(tmp_path / "data")  # were the data read first, their error would come first

@@ -1,11 +1,12 @@
-"""The ViT against independent references: timm's VisionTransformer and resample_abs_pos_embed."""
+"""The ViT against independent references (timm's VisionTransformer and resample_abs_pos_embed),
+and its convolutional tokenizer against what the position embeddings assume of tokens."""
 
 import pytest
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from model import ATTENTION_IMPLEMENTATIONS, MODEL_PRESETS, ViT, model_config, resize_pos_embed
+from model import ATTENTION_IMPLEMENTATIONS, MODEL_PRESETS, ConvTokenizer, ViT, model_config, resize_pos_embed
 
 SMALL = dict(patch_size=16, embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0)
 
@@ -191,6 +192,47 @@ def test_images_of_another_size_can_borrow_interpolated_position_embeddings_for_
     assert model.projector.pos_embed.grad.shape == (1, 17, 32) and model.projector.pos_embed.grad[:, 1:].abs().min() > 0
     with pytest.raises(ValueError, match="any size must be a multiple of the patch size 8"):
         model(torch.randn(1, 3, 44, 44), interpolate_pos_embed=True)
+
+
+def test_the_convolutional_tokenizer_puts_each_token_where_its_patch_is():
+    # Its tokens must lie on the patch grid in the patches' row-major order, or the position
+    # embeddings (and their interpolation to another size) would describe the wrong places. A
+    # spot in patch (r, c) of a non-square image changes the tokens around (r, c) only.
+    model = ViT(**model_config("vit-tiny-test", image_size=(24, 32), patch_size=4, stem="conv", n_classes=3))
+    tokenizer = model.projector.patch_embedder.eval()
+    blank = torch.zeros(1, 3, 24, 32)
+    for row, column in [(1, 6), (4, 2)]:
+        spot = blank.clone()
+        spot[:, :, 4 * row + 1, 4 * column + 1] = 5.0  # what 13x13 pixels around it see: tokens r-1 to r+1
+        changed = (tokenizer(spot) - tokenizer(blank)).abs().sum(-1)[0].nonzero().flatten().tolist()
+        assert row * 8 + column in changed
+        assert all(abs(i // 8 - row) <= 1 and abs(i % 8 - column) <= 1 for i in changed), changed
+    assert model(torch.randn(2, 3, 24, 32)).shape == (2, 3)
+    assert model.projector.pos_embed.shape == (1, 1 + 6 * 8, 32)
+
+
+def test_a_model_with_the_convolutional_tokenizer_interpolates_and_rebuilds_like_the_paper_model():
+    model = ViT(**model_config("vit-tiny-test", image_size=24, patch_size=4, stem="conv", n_classes=3)).eval()
+    images = torch.randn(2, 3, 48, 48)
+    borrowed = model(images, interpolate_pos_embed=True)
+    rebuilt = ViT(**model.config)  # a checkpoint's config: the stem comes back with it
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt.set_image_size(48).eval()(images), borrowed)
+    assert rebuilt.projector.pos_embed.shape == (1, 1 + 12 * 12, 32)
+    assert isinstance(rebuilt.projector.patch_embedder, ConvTokenizer)
+
+
+@pytest.mark.parametrize(
+    "stem, patch_size, message",
+    [
+        ("conv", 6, "power-of-2 patch size from 2 on, not 6"),
+        ("conv", 1, "not 1"),
+        ("cnn", 8, "choose one of linear, conv"),
+    ],
+)
+def test_a_stem_that_cannot_make_the_tokens_says_what_to_choose(stem, patch_size, message):
+    with pytest.raises(ValueError, match=message):
+        ViT(**model_config("vit-tiny-test", image_size=24, patch_size=patch_size, stem=stem))
 
 
 def test_the_paper_initialisation_starts_from_a_zero_head_and_uniform_predictions():

@@ -321,6 +321,22 @@ def test_wrong_train_sizes_are_refused_before_any_work(tmp_path, train_sizes, me
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            dict(stem="conv", patch_size=6),
+            "--stem conv: the convolutional tokenizer .* power-of-2 patch size from 2 on, not 6",
+        ),
+        (dict(stem="cnn"), "--stem cnn: unknown stem 'cnn'; choose one of linear, conv"),
+    ],
+)
+def test_a_stem_that_cannot_make_the_tokens_is_refused_before_any_work(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        train(str(tmp_path / "not-read.zip"), "smoke", tmp_path / "run", **settings)
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_unknown_compile_mode_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="--compile 'on': choose auto or one of off, default, reduce-overhead"):
         train(str(tmp_path / "not-read.zip"), "smoke", tmp_path / "run", compile="on")

@@ -9,7 +9,7 @@ inside ``{"model": ...}`` or ``{"state_dict": ...}``) or one of this project's c
 The weights go through ``ViT.from_timm``'s mapping, the classification head is left out (the
 model keeps its own fresh head for the data's classes), and the position embeddings are
 interpolated to the model's patch grid when the image size or the source's grid differs. An
-architecture that differs (width, depth, heads, MLP size, patch size) is refused with the
+architecture that differs (stem, width, depth, heads, MLP size, patch size) is refused with the
 setting to change, before the data is touched.
 """
 
@@ -24,7 +24,8 @@ from components.common.errors import CheckpointError, ConfigError, first_line
 from model import MODEL_PRESETS, resize_pos_embed
 from model.timm_convert import architecture_from_timm_state, config_from_timm, state_dict_from_timm, timm_state_to_ours
 
-ARCHITECTURE = ("patch_size", "in_channels", "embed_dim", "qkv_dim", "mlp_hidden_size", "n_layers", "n_heads")
+ARCHITECTURE = ("stem", "patch_size", "in_channels", "embed_dim", "qkv_dim", "mlp_hidden_size", "n_layers", "n_heads")
+PAPER_STEM = {"stem": "linear"}  # timm's ViTs and this project's checkpoints from before the setting have it
 POS_EMBED = "projector.pos_embed"
 
 
@@ -39,7 +40,8 @@ def initial_weights(source: str, model_config: dict) -> InitialWeights:
     the model's grid. Raises ValueError, saying what to change, for an architecture other than
     the model's or a source that cannot be read."""
     state, architecture, grid, description = _read(source)
-    ours = {"in_channels": 3, **model_config}
+    architecture = {**PAPER_STEM, **architecture}
+    ours = {"in_channels": 3, **PAPER_STEM, **model_config}
     attention_width = architecture.pop("attention_width", None)  # a timm state dict holds no head count
     _check_architecture(source, architecture, ours)
     if attention_width is not None and attention_width != ours["n_heads"] * ours["qkv_dim"]:
@@ -73,7 +75,7 @@ def _read(source: str) -> tuple[dict, dict, tuple[int, int], str]:
     if checkpoints.is_checkpoint(loaded):
         config = loaded["config"]
         grid = tuple(side // config["patch_size"] for side in config["image_size"])
-        architecture = {name: config[name] for name in ARCHITECTURE}
+        architecture = {name: config[name] for name in ARCHITECTURE if name in config}
         return loaded["model"], architecture, grid, f"checkpoint {source}"
     for wrapper in ("model", "state_dict"):  # how DeiT's and other training scripts save them
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
@@ -167,10 +169,10 @@ def _check_architecture(source: str, theirs: dict, ours: dict) -> None:
     if not differing:
         return
     shapes = ", ".join(f"{name} {theirs[name]} (this model: {ours[name]})" for name in differing)
-    body = {name: value for name, value in theirs.items() if name not in ("patch_size", "in_channels")}
+    body = {name: value for name, value in theirs.items() if name not in ("stem", "patch_size", "in_channels")}
     matching = [preset for preset, sizes in MODEL_PRESETS.items() if all(sizes.get(k, v) == v for k, v in body.items())]
-    if differing == ["patch_size"]:
-        fix = f"--patch-size {theirs['patch_size']}"
+    if set(differing) <= {"stem", "patch_size"}:
+        fix = f"--patch-size {theirs['patch_size']}" if "patch_size" in differing else ""
     elif matching:
         patch = theirs["patch_size"]
         fix = f"--model {matching[0]}" + (
@@ -178,4 +180,6 @@ def _check_architecture(source: str, theirs: dict, ours: dict) -> None:
         )
     else:
         fix = "a --model of that architecture (add it to model/presets.py)"
+    if "stem" in differing:
+        fix = f"{fix} --stem {theirs['stem']}".strip()
     raise ConfigError(f"--init {source}: its weights are for another architecture, {shapes}: train with {fix}")

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from components.common.cli import nonnegative_float, nonnegative_int, positive_float, positive_int
 from components.common.errors import ConfigError
-from model import MODEL_PRESETS, model_config
+from model import MODEL_PRESETS, check_stem, model_config
 
 
 def setting(default, help: str):  # noqa: A002 - argparse's word
@@ -32,6 +32,11 @@ class TrainConfig:
         "empty: image_size alone",
     )
     patch_size: int = setting(0, "patch size; 0 keeps the model preset's")
+    stem: str = setting(
+        "linear",
+        "how images become tokens: linear (the paper's patch projection) or conv (convolutions and max-pools, "
+        "after Compact Convolutional Transformers, for small data sets; needs a power-of-2 patch size)",
+    )
     attention: str = setting("sdpa", "attention implementation: separate, fused or sdpa")
     epochs: int = setting(100, "training epochs (with --time-budget, the most it may train)")
     time_budget: float = setting(
@@ -177,6 +182,10 @@ def preset(name: str, **overrides) -> TrainConfig:
             least = "above 0" if setting.name in POSITIVE else "0 or more"
             raise ConfigError(f"--{setting.name.replace('_', '-')} must be {least}, got {value}")
     check_crop_scale(config.crop_scale, "--crop-scale")
+    try:
+        check_stem(config.stem, architecture(config)["patch_size"])
+    except ValueError as error:
+        raise ConfigError(f"--stem {config.stem}: {error}") from None
     check_image_size(config.image_size, architecture(config)["patch_size"], "--image-size")
     return config
 
@@ -191,8 +200,10 @@ def check_image_size(size: int, patch_size: int, flag: str) -> None:
 
 def architecture(config: TrainConfig) -> dict:
     """The model's architecture (``ViT`` constructor arguments) a training configuration names:
-    its model preset's, with its own patch size where it sets one."""
-    return model_config(config.model, **({"patch_size": config.patch_size} if config.patch_size else {}))
+    its model preset's, with its own patch size where it sets one, and its stem."""
+    return model_config(
+        config.model, stem=config.stem, **({"patch_size": config.patch_size} if config.patch_size else {})
+    )
 
 
 def check_crop_scale(scale: float, flag: str) -> None:
