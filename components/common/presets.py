@@ -106,10 +106,10 @@ PRESETS: dict[str, TrainConfig] = {
     # 600 s it ended every one of three seeds with a lower validation loss than 8x8 patches of
     # 48x48 images, though an epoch costs 1.7 times as much. Random erasing of a quarter of the
     # images lowered every seed's validation loss again (test 86.2%, 86.4% and 85.4% against
-    # 85.2%, 86.0% and 84.4%, in 44-52 epochs on 2 cores of an AMD EPYC, at most 90). Crops keep
-    # at least 80% of an image: with 50%, the model saw garments larger than the test images
-    # show and learnt 5 points less in the same time (benchmarks/RESULTS.md, "How we got here"
-    # and "cpu-10min against the classic baselines").
+    # 85.2%, 86.0% and 84.4%, in 44-52 epochs on 2 cores of an AMD EPYC on a fast day; 28-31 on
+    # a slow one; at most 90). Crops keep at least 80% of an image: with 50%, the model saw
+    # garments larger than the test images show and learnt 5 points less in the same time
+    # (benchmarks/RESULTS.md, "How we got here" and "cpu-10min against the classic baselines").
     "cpu-10min": TrainConfig(
         model="vit-mini",
         image_size=24,
